@@ -1,0 +1,22 @@
+"""Fused kernels for mobile and hybrid vision transformers.
+
+``import fastvit_kernels`` never fails because Triton, the compiled extension or a GPU is missing: the
+affected backend is unavailable and ``python -m fastvit_kernels.info`` says why.
+"""
+
+from .backends import BACKENDS, BackendUnavailable, use_backend
+from .modules import FusedConvBNAct, FusedConvBNActSequential
+from .ops import dwconv_bn_act
+from .patch import patch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "FusedConvBNAct",
+    "FusedConvBNActSequential",
+    "dwconv_bn_act",
+    "patch",
+    "use_backend",
+]

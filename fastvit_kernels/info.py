@@ -1,0 +1,47 @@
+"""``python -m fastvit_kernels.info``: versions, and which backends loaded (and why the others did not)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from . import __version__, backends
+
+
+def collect() -> dict:
+    ext = backends.extension()
+    triton_version = None
+    if backends.load_error("triton") is None:
+        import triton
+
+        triton_version = triton.__version__
+    cuda_device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "fastvit_kernels": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch.version.cuda": torch.version.cuda,
+        "triton": triton_version,
+        "TRITON_INTERPRET": backends.triton_interpreting(),
+        "cuda device": cuda_device,
+        "extension built with CUDA": bool(ext and ext.has_cuda()),
+        "requested backend": os.environ.get(backends.ENV_VAR) or "automatic",
+        "backends": {name: backends.load_error(name) or "available" for name in backends.BACKENDS},
+    }
+
+
+def main() -> None:
+    info = collect()
+    for key, value in info.items():
+        if key != "backends":
+            print(f"{key:>26}: {value}")
+    print("backends (default order: cuda tensors", " > ".join(backends.DEFAULT_ORDER["cuda"]),
+          "| cpu tensors", " > ".join(backends.DEFAULT_ORDER["cpu"]) + ")")
+    for name, status in info["backends"].items():
+        print(f"{name:>26}: {status}")
+
+
+if __name__ == "__main__":
+    main()

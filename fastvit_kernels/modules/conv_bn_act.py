@@ -1,0 +1,210 @@
+"""Drop-in fused depthwise Conv2d -> BatchNorm2d -> SiLU/ReLU/Identity.
+
+Eval: BatchNorm is folded into the conv weight and bias (cached, refreshed whenever any weight or
+buffer changes) and one fused kernel does conv + bias + activation. Training, or a BatchNorm without
+running statistics: the conv runs fused, then BatchNorm with batch statistics exactly as
+``nn.BatchNorm2d`` (running-stat updates included), then the activation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..ops.dwconv_bn_act import ACTIVATIONS, KERNEL_SIZES, STRIDES, dwconv_bn_act
+
+_ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "none", type(None): "none"}
+_ACT_FUNCTIONS = {"silu": F.silu, "relu": F.relu, "none": lambda t: t}
+
+
+class Unsupported(ValueError):
+    """This Conv/BN/activation configuration has no fused path (the message says why)."""
+
+
+def activation_name(act) -> str:
+    """``"silu"``/``"relu"``/``"none"`` for an activation module, class, name or None."""
+    if isinstance(act, str):
+        name = {"swish": "silu", "identity": "none", "": "none"}.get(act.lower(), act.lower())
+        if name in ACTIVATIONS:
+            return name
+        raise Unsupported(f"act_layer {act!r} is not supported; supported: SiLU, ReLU, Identity/None")
+    cls = act if isinstance(act, type) else type(act)
+    if cls not in _ACT_NAMES:
+        raise Unsupported(f"activation {cls.__name__} is not supported; supported: SiLU, ReLU, Identity/None")
+    return _ACT_NAMES[cls]
+
+
+def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
+    """Raise :class:`Unsupported` naming what the fused kernel cannot do for this conv + norm pair."""
+    # A subclass that overrides forward (timm's Conv2dSame, weight-standardised convs) computes
+    # something else than the plain conv the kernel implements.
+    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
+        raise Unsupported(f"conv {type(conv).__name__} is not a plain nn.Conv2d")
+    C, K = conv.in_channels, conv.kernel_size[0]
+    if not conv.groups == C == conv.out_channels:
+        raise Unsupported(f"conv is not depthwise: in_channels={C}, out_channels={conv.out_channels}, "
+                          f"groups={conv.groups}; supported: groups == in_channels == out_channels")
+    if conv.kernel_size != (K, K) or K not in KERNEL_SIZES:
+        raise Unsupported(f"conv kernel_size={conv.kernel_size}; supported: square, one of {KERNEL_SIZES}")
+    if conv.stride[0] != conv.stride[1] or conv.stride[0] not in STRIDES:
+        raise Unsupported(f"conv stride={conv.stride}; supported: {STRIDES}, equal in H and W")
+    if conv.dilation != (1, 1):
+        raise Unsupported(f"conv dilation={conv.dilation}; supported: 1")
+    if conv.padding != (K // 2, K // 2) or conv.padding_mode != "zeros":
+        raise Unsupported(f"conv padding={conv.padding!r} ({conv.padding_mode}); supported: "
+                          f"zero padding kernel_size // 2 = {K // 2}")
+    if not isinstance(bn, nn.BatchNorm2d) or type(bn).__name__ not in ("BatchNorm2d", "BatchNormAct2d"):
+        raise Unsupported(f"norm {type(bn).__name__} is not nn.BatchNorm2d or timm's BatchNormAct2d")
+    if bn.num_features != C:
+        raise Unsupported(f"BatchNorm2d has {bn.num_features} features for a conv of {C} channels")
+    if not isinstance(getattr(bn, "drop", nn.Identity()), nn.Identity):
+        raise Unsupported(f"BatchNormAct2d.drop {type(bn.drop).__name__} is not supported")
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+    """Conv weight and bias with eval-mode BatchNorm folded in, in float32 (float64 for float64 params).
+
+    ``bn(conv(x)) == conv(x, w, b)`` with ``s = bn.weight / sqrt(bn.running_var + bn.eps)``,
+    ``w = conv.weight * s``, ``b = (conv.bias - bn.running_mean) * s + bn.bias``.
+    """
+    acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -bn.running_mean.to(acc)
+    if conv.bias is not None:
+        shift = shift + conv.bias.to(acc)
+    bias = shift * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias.to(acc)
+    return conv.weight.to(acc) * scale.view(-1, 1, 1, 1), bias
+
+
+class BatchNormFold:
+    """The folded weight and bias of one conv + BN pair, recomputed when any source tensor changes.
+
+    A change is a new tensor (``.to()``, ``.half()``, assigning ``.data``: another data pointer) or an
+    in-place write (``load_state_dict``, an optimizer step: the version counter moves). Modules also
+    drop the cache in ``_apply``. No cache while compiling (the fold is traced into the graph) or when
+    the fold must carry gradients.
+    """
+
+    def __init__(self):
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        self._key, self._value = None, None
+
+    def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)):
+            return fold_batchnorm(conv, bn)
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        key += (bn.eps,)
+        if key != self._key:
+            with torch.no_grad():
+                self._value = fold_batchnorm(conv, bn)
+            self._key = key
+        return self._value
+
+
+def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str, fold: BatchNormFold) -> Tensor:
+    """``act(bn(conv(x)))`` through the fused op; ``conv``/``bn`` already passed :func:`check_fusable`."""
+    stride = conv.stride[0]
+    if bn.training or bn.running_mean is None:
+        y = dwconv_bn_act(x, conv.weight, conv.bias, stride, "none")
+        # _BatchNorm.forward, not bn(): timm's BatchNormAct2d would apply its activation too.
+        return _ACT_FUNCTIONS[act](_BatchNorm.forward(bn, y))
+    weight, bias = fold(conv, bn)
+    return dwconv_bn_act(x, weight, bias, stride, act)
+
+
+class _FoldCacheMixin:
+    def _apply(self, fn, recurse=True):
+        self._fold.invalidate()
+        return super()._apply(fn, recurse)
+
+
+class FusedConvBNAct(_FoldCacheMixin, nn.Module):
+    """Fused drop-in for timm's ``ConvNormAct`` with a depthwise conv (same arguments, same keys:
+    ``conv.weight``, ``bn.*``).
+
+    Equivalent PyTorch::
+
+        y = act_layer()(nn.BatchNorm2d(C)(nn.Conv2d(C, C, k, stride, k // 2, groups=C, bias=bias)(x)))
+
+    Supports depthwise convs (``groups == in_channels == out_channels``), odd kernel 1..9, stride 1/2,
+    padding ``k // 2``, and SiLU, ReLU or no activation; other configurations raise ``ValueError``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
+                 padding="", dilation: int = 1, groups: int = 1, bias: bool = False,
+                 apply_act: bool = True, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU,
+                 norm_kwargs: Optional[dict] = None, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if padding in ("", None):
+            padding = kernel_size // 2
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                              bias, **dd)
+        self.bn = norm_layer(out_channels, **(norm_kwargs or {}), **dd)
+        self.act = activation_name(act_layer if apply_act else None)
+        check_fusable(self.conv, self.bn)
+        self._fold = BatchNormFold()
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> nn.Module:
+        """The fused equivalent of a timm ``ConvNormAct`` or an ``nn.Sequential(conv, bn[, act])``,
+        sharing its parameters and buffers. Raises :class:`Unsupported` saying why when it has none."""
+        if isinstance(module, nn.Sequential):
+            if len(module) not in (2, 3):
+                raise Unsupported(f"nn.Sequential of {len(module)} modules; supported: (conv, bn[, act])")
+            return FusedConvBNActSequential(*module)
+        aa = getattr(module, "aa", None)
+        if aa is not None and not isinstance(aa, nn.Identity):
+            raise Unsupported(f"anti-aliasing layer {type(aa).__name__} is not supported")
+        conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
+        check_fusable(conv, bn)
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.conv, fused.bn = conv, bn
+        fused.act = activation_name(getattr(bn, "act", None))
+        fused._fold = BatchNormFold()
+        return fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv_bn_act(x, self.conv, self.bn, self.act, self._fold)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"
+
+
+class FusedConvBNActSequential(_FoldCacheMixin, nn.Sequential):
+    """Fused drop-in for ``nn.Sequential(Conv2d(C, C, k, groups=C), BatchNorm2d(C)[, SiLU|ReLU|Identity])``.
+
+    Holds the same children under the same indices, so the state_dict keys (``0.weight``, ``1.*``)
+    are unchanged.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: Optional[nn.Module] = None):
+        # Checks first: fail before any child is registered.
+        check_fusable(conv, bn)
+        bn_act = getattr(bn, "act", None)  # timm's BatchNormAct2d carries its own activation
+        if act is not None and activation_name(bn_act) != "none":
+            raise Unsupported("two activations (BatchNormAct2d.act and a third module) are not supported")
+        act_name = activation_name(act if act is not None else bn_act)
+        super().__init__(*(m for m in (conv, bn, act) if m is not None))
+        self.act = act_name
+        self._fold = BatchNormFold()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv_bn_act(x, self[0], self[1], self.act, self._fold)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act}"

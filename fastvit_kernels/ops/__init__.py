@@ -1,0 +1,5 @@
+"""Functional ops: each a torch.library custom op with fake impl, autograd and backend dispatch."""
+
+from .dwconv_bn_act import dwconv_bn_act
+
+__all__ = ["dwconv_bn_act"]

@@ -1,0 +1,65 @@
+"""``patch(model)``: swap every supported submodule of an existing model for its fused equivalent.
+
+One table maps "this kind of module" to "the converter that builds its fused replacement"; one walk
+applies it. A converter raises ``Unsupported`` for a configuration it cannot fuse, and the module is
+left as it was. Later ops add rows to ``REPLACEMENTS``, never a new walk.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Tuple
+
+import torch.nn as nn
+
+from .modules.conv_bn_act import FusedConvBNAct, Unsupported
+
+
+def _is_timm(module: nn.Module, class_name: str) -> bool:
+    # By name, so timm stays an optional dependency.
+    cls = type(module)
+    return cls.__name__ == class_name and cls.__module__.startswith("timm.")
+
+
+def _is_conv_bn_sequential(module: nn.Module) -> bool:
+    return (type(module) is nn.Sequential and len(module) in (2, 3)
+            and isinstance(module[0], nn.Conv2d) and isinstance(module[1], nn.BatchNorm2d))
+
+
+REPLACEMENTS: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = [
+    (lambda m: _is_timm(m, "ConvNormAct"), FusedConvBNAct.from_module),
+    (_is_conv_bn_sequential, FusedConvBNAct.from_module),
+]
+
+
+def patch(model: nn.Module) -> Dict[str, nn.Module]:
+    """Replace supported submodules of ``model`` in place.
+
+    Returns ``{qualified name: original module}`` for everything replaced (restore one with
+    ``model.set_submodule(name, original)``). Parameters and buffers are shared with the originals,
+    so state_dict keys, optimizers and loaded weights carry over. Unsupported configurations
+    (grouped-but-not-depthwise convs, dilation, unusual padding, other activations) are left alone.
+    """
+    replaced: Dict[str, nn.Module] = {}
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            qualified = f"{prefix}{name}"
+            fused = _convert(child)
+            if fused is None:
+                walk(child, qualified + ".")
+            else:
+                setattr(parent, name, fused)
+                replaced[qualified] = child
+
+    walk(model, "")
+    return replaced
+
+
+def _convert(module: nn.Module):
+    for matches, convert in REPLACEMENTS:
+        if matches(module):
+            try:
+                return convert(module)
+            except Unsupported:
+                return None
+    return None
