@@ -203,3 +203,15 @@ def test_module_rejects_mismatched_channels():
     fused = fk.FusedConvBNAct(8, 8, 3, groups=8).to(DEVICE).eval()
     with pytest.raises(ValueError, match="C=7"):
         fused(make_input((1, 7, 5, 5), torch.float32))
+
+
+def test_module_built_under_inference_mode():
+    """Inference tensors have no version counter: the fold must still be right (and not crash)."""
+    with torch.inference_mode():
+        seq = eager_sequential(4, 3, 1).eval()
+        fused = fk.FusedConvBNAct.from_module(copy.deepcopy(seq))
+        x = make_input((1, 4, 6, 6), torch.float32)
+        torch.testing.assert_close(fused(x), seq(x), rtol=1e-5, atol=1e-5)
+        seq[1].running_var.mul_(2)  # in place, invisible to a version counter
+        fused[1].running_var.mul_(2)
+        torch.testing.assert_close(fused(x), seq(x), rtol=1e-5, atol=1e-5)

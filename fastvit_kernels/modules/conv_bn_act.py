@@ -91,7 +91,7 @@ class BatchNormFold:
     A change is a new tensor (``.to()``, ``.half()``, assigning ``.data``: another data pointer) or an
     in-place write (``load_state_dict``, an optimizer step: the version counter moves). Modules also
     drop the cache in ``_apply``. No cache while compiling (the fold is traced into the graph) or when
-    the fold must carry gradients.
+    the fold must carry gradients, or for parameters created under ``torch.inference_mode()``.
     """
 
     def __init__(self):
@@ -102,8 +102,10 @@ class BatchNormFold:
 
     def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
         sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        if torch.compiler.is_compiling() or (
-                torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)):
+        present = [t for t in sources if t is not None]
+        # Inference tensors have no version counter, so a change to them cannot be seen: no cache.
+        if torch.compiler.is_compiling() or any(t.is_inference() for t in present) or (
+                torch.is_grad_enabled() and any(t.requires_grad for t in present)):
             return fold_batchnorm(conv, bn)
         key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
         key += (bn.eps,)

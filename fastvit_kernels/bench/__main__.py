@@ -1,0 +1,224 @@
+"""``python -m fastvit_kernels.bench`` / ``fastvit-bench``: time the fused ops against eager PyTorch.
+
+With no arguments: every registered op, on CUDA if there is a GPU (float16, bfloat16, float32) else
+on the CPU (float32), every backend that loaded and serves the device. Prints a progress line per case
+to stderr and a table at the end, writes ``<out>/<op>_<device>_<date>.json`` and a PNG plot next to it.
+
+``--replot results.json`` redraws the plot of stored results without running anything.
+
+Exit status: 0, or 1 when a fused row exceeded its error tolerance (baselines that do are reported
+but are not our bug), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .. import backends
+from . import environment, report, runner
+from .accuracy import RULE
+from .cases import REGISTRY
+from .timing import ROTATION_BYTES
+
+PROG = "python -m fastvit_kernels.bench"
+FULL_SETTINGS, QUICK_SETTINGS = runner.FULL_SETTINGS, runner.QUICK_SETTINGS
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Benchmark fastvit_kernels' fused ops against eager PyTorch and torch.compile.")
+    parser.add_argument("--op", nargs="+", choices=sorted(REGISTRY), metavar="OP",
+                        help=f"ops to benchmark (default: all: {', '.join(sorted(REGISTRY))})")
+    parser.add_argument("--backend", nargs="+", choices=backends.BACKENDS, metavar="NAME",
+                        help=f"fused backends to time, of {', '.join(backends.BACKENDS)} (default: every "
+                             "backend that loaded and serves the device)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(runner.DTYPES), metavar="DTYPE",
+                        help="float16, bfloat16, float32 (default: float32 on cpu, all three on cuda)")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="default: cuda if a GPU is visible, else cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer cases (one memory layout) and repeats: a smoke run of under a minute")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"),
+                        help="directory for the JSON results and the plot (default: bench/results)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
+    parser.add_argument("--repeats", type=_positive_int,
+                        help=f"timed repeats per variant (default: {FULL_SETTINGS[1]}, "
+                             f"{QUICK_SETTINGS[1]} with --quick); the median is reported")
+    parser.add_argument("--warmup", type=_positive_int,
+                        help=f"untimed calls per variant first (default: {FULL_SETTINGS[0]}, "
+                             f"{QUICK_SETTINGS[0]} with --quick)")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="only redraw the plot of a stored results JSON, then exit")
+    return parser
+
+
+def _resolve_device(parser, args) -> torch.device:
+    if args.device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: 'cuda' requested but no CUDA device is visible to torch")
+    return torch.device(args.device)
+
+
+def _resolve_backends(parser, args, device):
+    """The backends to time, and the default ones left out with why (printed, stored in the JSON)."""
+    if args.backend is None:
+        return runner.default_backends(device)
+    for name in args.backend:
+        reason = runner.backend_problem(name, device)
+        if reason:
+            parser.error(f"argument --backend: {name!r} is not available on {device.type}: {reason}")
+    return list(dict.fromkeys(args.backend)), {}
+
+
+def _results_path(out: Path, op: str, device: torch.device, now: datetime.datetime) -> Path:
+    stem = f"{op}_{environment.device_slug(device)}_{now:%Y%m%d-%H%M%S}"
+    path, n = out / f"{stem}.json", 1
+    while path.exists():  # two runs in one second must not overwrite each other
+        n += 1
+        path = out / f"{stem}-{n}.json"
+    return path
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, repeats: int):
+    """Prepare, check and time every case x dtype of ``op``; returns (rows, skipped)."""
+    benchmark = REGISTRY[op]
+    jobs = [(case, dtype) for case in benchmark.cases(quick) for dtype in dtypes]
+    rows, skipped = [], []
+    for i, (case, dtype) in enumerate(jobs, 1):
+        head = f"[{i}/{len(jobs)}] {op} {case.label} {dtype}"
+        _progress(f"{head}: preparing")
+        try:
+            prepared = runner.prepare_case(benchmark, case, runner.DTYPES[dtype], device, backend_names)
+        except runner.CaseSkipped as e:
+            skipped.append({"op": op, "case": case.label, "dtype": dtype, "impl": "*", "reason": str(e)})
+            _progress(f"{head}: skipped: {e}")
+            continue
+        timings = runner.time_variants(prepared, warmup, repeats)
+        case_rows = runner.make_rows(prepared, timings)
+        rows += case_rows
+        skipped += runner.skipped_rows(prepared)
+        summary = ", ".join(f"{r['impl']} {r['median_ms']:.3f} ms" + ("" if r["passed"] else " FAIL")
+                            for r in case_rows)
+        _progress(f"{head}: {summary}")
+        del prepared  # the rotated inputs can be large
+    return rows, skipped
+
+
+def _print_results(result: dict, json_path: Path, plot: bool) -> None:
+    device = result["device"]
+    load = device["load_average_at_start"] if device["type"] == "cpu" else None
+    print(f"\n{result['op']} — {device['name']} ({device['type']}, {device['threads']} threads"
+          + (f", load average {load[0]:.1f} at start" if load else "")
+          + f"), torch {result['versions']['torch']}, median of {result['settings']['repeats']} repeats")
+    print(report.format_table(result["rows"], result["skipped"]))
+    for name, reason in result["backends_left_out"].items():
+        print(f"backend {name} not benchmarked: {reason}")
+    print(f"results: {json_path}")
+    if plot:
+        try:
+            print(f"plot: {report.plot_speedups(json_path)}")
+        except ImportError:
+            print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+
+
+def _report_fused_failures(rows) -> int:
+    failed = [r for r in rows if r["kind"] == runner.FUSED and not r["passed"]]
+    for r in failed:
+        print(f"FAILED correctness: {r['op']} {r['case']} {r['dtype']} {r['impl']}: max error "
+              f"{r['max_abs_error']} > tolerance {r['tolerance']:.3g}", file=sys.stderr)
+    return len(failed)
+
+
+def _benchmark_op(op: str, device: torch.device, backend_names, left_out, settings: dict, out: Path,
+                  plot: bool, argv) -> int:
+    """Run, store, print and plot one op; returns how many fused rows failed their tolerance."""
+    _progress(f"{op} on {environment.device_name(device)} ({device.type}), "
+              f"dtypes {', '.join(settings['dtypes'])}, backends {', '.join(backend_names) or 'none'}, "
+              f"threads {torch.get_num_threads()}")
+    now = datetime.datetime.now().astimezone()
+    facts = environment.describe(device)  # before running: the load average is the machine's, not ours
+    load = facts["device"]["load_average_at_start"]
+    if device.type == "cpu" and load and load[0] >= 1.0:
+        _progress(f"warning: load average {load[0]:.1f} on {environment.available_cpu_threads()} cores "
+                  "before starting: other processes compete for the CPU, timings will be noisy")
+    rows, skipped = run_op(op, device, settings["dtypes"], backend_names, settings["quick"],
+                           settings["warmup"], settings["repeats"])
+    result = {
+        "op": op,
+        "summary": REGISTRY[op].summary,
+        "date": now.isoformat(timespec="seconds"),
+        "command_line": " ".join([PROG] + [shlex.quote(a) for a in argv]),
+        **facts,
+        "benchmarked_backends": backend_names,
+        "backends_left_out": left_out,
+        "settings": {**settings, "rotation_bytes": ROTATION_BYTES, "seed": 0, "grad_mode": "inference_mode",
+                     "torch_compile": "torch.compile(eager), default mode, compile time excluded"},
+        "tolerance_rule": RULE,
+        "rows": rows,
+        "skipped": skipped,
+    }
+    json_path = report.write_json(result, _results_path(out, op, device, now))
+    _print_results(result, json_path, plot)
+    return _report_fused_failures(rows)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    if args.replot is not None:
+        if not args.replot.is_file():
+            parser.error(f"argument --replot: {str(args.replot)!r} is not a file")
+        try:
+            print(f"plot: {report.plot_speedups(args.replot)}")
+        except ImportError:
+            print("plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+            return 1
+        return 0
+
+    device = _resolve_device(parser, args)
+    dtypes = list(dict.fromkeys(args.dtype or runner.default_dtypes(device)))
+    backend_names, left_out = _resolve_backends(parser, args, device)
+    ops = list(dict.fromkeys(args.op or sorted(REGISTRY)))
+    default_warmup, default_repeats = QUICK_SETTINGS if args.quick else FULL_SETTINGS
+    warmup, repeats = args.warmup or default_warmup, args.repeats or default_repeats
+
+    if device.type == "cpu":
+        torch.set_num_threads(environment.available_cpu_threads())
+    for name, reason in left_out.items():
+        _progress(f"backend {name} skipped: {reason}")
+
+    # Seeded for repeatable inputs, without changing the RNG state of a caller running main() in-process.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        settings = {"quick": args.quick, "dtypes": dtypes, "warmup": warmup, "repeats": repeats}
+        fused_failures = sum(_benchmark_op(op, device, backend_names, left_out, settings, args.out,
+                                           not args.no_plot, argv) for op in ops)
+    return 1 if fused_failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Where a benchmark ran: device, thread count, versions and backends, for the results JSON."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from typing import Optional
+
+import torch
+
+from .. import info
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def available_cpu_threads() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's core count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def peak_memory_gbps(device: torch.device) -> Optional[float]:
+    """Theoretical DRAM bandwidth of a CUDA device from its memory clock and bus width, else None."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # double data rate: two transfers per clock
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe device name: ``cpu`` or e.g. ``cuda-nvidia-h100-80gb-hbm3``."""
+    if device.type != "cuda":
+        return "cpu"
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def describe(device: torch.device) -> dict:
+    """Device and software facts; ``versions`` and ``backends`` come from ``fastvit_kernels.info``."""
+    facts = info.collect()
+    return {
+        "device": {
+            "type": device.type,
+            "name": device_name(device),
+            "cpu": cpu_name(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "threads": torch.get_num_threads(),
+            "peak_memory_gbps": peak_memory_gbps(device),
+            # Other processes on a shared machine skew CPU timings; this says how busy it was.
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "versions": {
+            "python": facts["python"],
+            "torch": facts["torch"],
+            "torch.version.cuda": facts["torch.version.cuda"],
+            "triton": facts["triton"],
+            "fastvit_kernels": facts["fastvit_kernels"],
+            "platform": platform.platform(),
+        },
+        "backends": facts["backends"],
+    }

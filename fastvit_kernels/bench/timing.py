@@ -1,0 +1,109 @@
+"""The timer: median of several repeats, warm-up excluded, inputs rotated so caches do not flatter.
+
+Equivalent in spirit to::
+
+    for x in inputs[:warmup]: fn(x)                      # not timed
+    times = [time(fn(next_input())) for _ in range(repeats)]
+    median(times)
+
+On CUDA the time comes from CUDA events around a batch of back-to-back calls (launches are
+asynchronous, so a host clock would time the launch, not the kernel); on the CPU from
+``time.perf_counter``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Sequence
+
+import torch
+
+# Inputs are rotated over at least this many bytes: more than the largest L2 (H100: 50 MB, H200:
+# 60 MB) or CPU last-level cache we expect, so each call reads its input from DRAM as it would
+# inside a model, not from a cache warmed by the previous call.
+ROTATION_BYTES = 128 * 2**20
+MIN_INPUTS, MAX_INPUTS = 2, 64
+
+# On CUDA a repeat is a batch of calls lasting at least this long: a single small kernel (~10 us)
+# is close to the event resolution and launch jitter. On the CPU one call is already milliseconds.
+CUDA_MIN_REPEAT_S = 2e-3
+
+
+@dataclass
+class Timing:
+    """Seconds per call: one figure per repeat (each the mean over ``calls_per_repeat`` calls)."""
+
+    per_call_s: List[float]
+    calls_per_repeat: int
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.per_call_s)
+
+    def quartiles_s(self):
+        """(first, third) quartile; with fewer than 2 repeats both are the single value."""
+        if len(self.per_call_s) < 2:
+            return self.per_call_s[0], self.per_call_s[0]
+        q1, _, q3 = statistics.quantiles(self.per_call_s, n=4, method="inclusive")
+        return q1, q3
+
+    def as_dict(self) -> dict:
+        q1, q3 = self.quartiles_s()
+        ms = 1e3
+        return {"median_ms": self.median_s * ms, "q1_ms": q1 * ms, "q3_ms": q3 * ms,
+                "min_ms": min(self.per_call_s) * ms, "max_ms": max(self.per_call_s) * ms,
+                "repeats": len(self.per_call_s), "calls_per_repeat": self.calls_per_repeat}
+
+
+def rotation_count(input_bytes: int) -> int:
+    """How many distinct inputs to pre-generate so that together they span ``ROTATION_BYTES``."""
+    return max(MIN_INPUTS, min(MAX_INPUTS, math.ceil(ROTATION_BYTES / max(1, input_bytes))))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_batch(fn: Callable, inputs: Sequence, start: int, calls: int, device: torch.device) -> float:
+    """Seconds for ``calls`` back-to-back calls, taking inputs round-robin from index ``start``."""
+    n = len(inputs)
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for i in range(calls):
+            fn(inputs[(start + i) % n])
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    for i in range(calls):
+        fn(inputs[(start + i) % n])
+    return time.perf_counter() - t0
+
+
+def measure(fn: Callable, inputs: Sequence, device: torch.device, warmup: int = 3,
+            repeats: int = 10) -> Timing:
+    """Time ``fn(x)`` for ``x`` rotating through ``inputs``; the caller sets grad mode and backend."""
+    if not inputs:
+        raise ValueError("measure: inputs is empty; pass at least one input tensor")
+    if repeats < 1:
+        raise ValueError(f"measure: repeats must be >= 1, got {repeats}")
+    # Warm-up (lazy init, autotuning, allocator growth), also timed to size the batches.
+    _synchronize(device)
+    warm_s = [_time_batch(fn, inputs, i, 1, device) for i in range(max(1, warmup))]
+    calls = 1
+    if device.type == "cuda":
+        calls = max(1, math.ceil(CUDA_MIN_REPEAT_S / max(min(warm_s), 1e-7)))
+    position = max(1, warmup)
+    per_call = []
+    for _ in range(repeats):
+        per_call.append(_time_batch(fn, inputs, position, calls, device) / calls)
+        position += calls
+    return Timing(per_call, calls)
+
+
+__all__ = ["Timing", "measure", "rotation_count", "ROTATION_BYTES"]
