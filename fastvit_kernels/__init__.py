@@ -6,7 +6,7 @@ affected backend is unavailable and ``python -m fastvit_kernels.info`` says why.
 
 from .backends import BACKENDS, BackendUnavailable, use_backend
 from .modules import FusedConvBNAct, FusedConvBNActSequential
-from .ops import dwconv_bn_act
+from .ops import dwconv_bn_act, patch_attention
 from .patch import patch
 
 __version__ = "0.1.0"
@@ -18,5 +18,6 @@ __all__ = [
     "FusedConvBNActSequential",
     "dwconv_bn_act",
     "patch",
+    "patch_attention",
     "use_backend",
 ]

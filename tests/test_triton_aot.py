@@ -5,10 +5,13 @@ shared memory. The variants come from the launcher's own enumeration (``all_kern
 launch arguments from its own ``kernel_args``. Each is compiled twice: as ``triton.jit`` specializes
 for a dense tensor whose sizes are multiples of 16 (unit strides become constants, everything is
 16-divisible: the widest vector loads), and with no specialization at all (arbitrary strided views).
-Real inputs get a mix of the two: some strides constant or 16-divisible, others not.
+Real inputs get a mix of the two: some strides constant or 16-divisible, others not. Kernels that opt
+out of JIT specialization (patch_attention: its launcher states alignment through a constexpr) are
+compiled once per config.
 
 Select with ``pytest -k triton_aot``. dwconv_bn_act: 280 compiles, about 70 CPU-seconds with a cold
-Triton cache (45-50 s on an otherwise idle 2-core machine). A few seconds with a warm cache.
+Triton cache (45-50 s on an otherwise idle 2-core machine); patch_attention: 64 compiles, about
+45 CPU-seconds (25-30 s). A few seconds with a warm cache.
 """
 import pytest
 import torch
@@ -17,6 +20,7 @@ pytest.importorskip("triton")
 
 from fastvit_kernels.triton import aot  # noqa: E402
 from fastvit_kernels.triton import dwconv_bn_act as dw  # noqa: E402
+from fastvit_kernels.triton import patch_attention as pa  # noqa: E402
 
 
 def _dwconv_example_args(dtype, channels_last: bool, kernel_size: int) -> tuple:
@@ -64,3 +68,47 @@ def test_triton_aot_dwconv_bn_act_enumeration_covers_launches(dtype):
                 for stride in dw.STRIDES:
                     cfg = dw.launch_config(x, k, stride, dw.ACT_RELU)
                     assert (dtype, cfg.constexprs, cfg.num_warps) in known, (x.shape, fmt, k, stride)
+
+
+def _patch_attention_example_args(dtype, d_pad: int) -> tuple:
+    """Launch arguments for a dense qkv, head_dim = the padded width (with no JIT specialization, the
+    values only fix the integer types)."""
+    b, h, w, heads = 2, 32, 32, 4
+    qkv = torch.empty(b, h, w, 3 * heads * d_pad, dtype=dtype)
+    out = torch.empty(b, h, w, heads * d_pad, dtype=dtype)
+    return pa.kernel_args(qkv, heads, (2, 2), d_pad ** -0.5, out)
+
+
+def _patch_attention_jobs():
+    # The kernel opts out of all JIT specialization (the launcher's VEC constexpr states alignment
+    # instead), so each config is exactly one compiled kernel whatever the arguments: no second variant.
+    kernel = pa._patch_attention_fwd_kernel
+    for cfg in pa.all_kernel_configs():
+        example = _patch_attention_example_args(cfg.dtype, cfg.constexprs["D_PAD"])
+        signature, constexprs, attrs = aot.specialize(kernel, example, cfg.constexprs)
+        assert not attrs and constexprs == cfg.constexprs, "the kernel must not be specialized by the JIT"
+        for arch in aot.ARCHS:
+            yield aot.AotJob(aot.kernel_name(kernel), signature, constexprs, attrs, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages, arch=arch)
+
+
+def test_triton_aot_patch_attention_every_config_compiles_without_spills():
+    results = aot.compile_many(list(_patch_attention_jobs()))
+    table = aot.format_table(results, ["D_PAD", "BLOCK_M", "BLOCK_N", "VEC"])
+    print(table)
+    bad = [f"{r.job.arch} {r.job.signature['qkv_ptr']} {dict(r.job.constexprs)} warps={r.job.num_warps}: "
+           f"{problem}" for r in results for problem in r.problems()]
+    assert not bad, "\n".join(bad) + "\n\n" + table
+
+
+@pytest.mark.parametrize("dtype", pa.DTYPES)
+def test_triton_aot_patch_attention_enumeration_covers_launches(dtype):
+    """Whatever launch_config picks is in all_kernel_configs, so the AOT test above compiled it."""
+    known = [(c.dtype, c.constexprs, c.num_warps, c.num_stages) for c in pa.all_kernel_configs()]
+    for h, w, patch in [(8, 8, (2, 2)), (32, 32, (2, 2)), (16, 16, (2, 2)), (1, 197, (1, 1)), (7, 7, (1, 1)),
+                        (6, 6, (3, 3)), (64, 64, (2, 2)), (4, 2, (2, 1))]:
+        for heads, head_dim in [(4, 16), (4, 20), (4, 36), (4, 60), (2, 64), (3, 30), (1, 128), (6, 1)]:
+            qkv = torch.empty(2, h, w, 3 * heads * head_dim, dtype=dtype, device="meta")
+            for vec in pa.VECS:
+                cfg = pa.launch_config(qkv, heads, patch, vec)
+                assert (dtype, cfg.constexprs, cfg.num_warps, cfg.num_stages) in known, (qkv.shape, heads, vec)

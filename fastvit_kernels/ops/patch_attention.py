@@ -1,0 +1,235 @@
+"""Patch-grouped multi-head self-attention (MobileViT), with tokens kept in image order.
+
+Token (y, x) attends only to the tokens at the same offset (y % ph, x % pw) inside their patch. That
+is timm's ``MobileVitBlock``: unfold the map into ``ph * pw`` sequences of ``(H / ph) * (W / pw)``
+tokens, run the transformer's attention on each, fold back. Here the input is the qkv projection of
+the tokens in image order (``[B, H, W, 3*C]``, channels last) and the output is in image order too,
+so no unfold or fold copy is made by the fused kernels. Equivalent PyTorch (P = ph * pw sequences per
+image, N = H * W / P tokens each, d = C / num_heads)::
+
+    t = qkv.reshape(B, H // ph, ph, W // pw, pw, 3, num_heads, d)
+    q, k, v = t.permute(5, 0, 2, 4, 6, 1, 3, 7).reshape(3, B * P, num_heads, N, d)
+    o = torch.softmax(scale * q @ k.transpose(-1, -2), dim=-1) @ v        # [B*P, heads, N, d]
+    o = o.reshape(B, ph, pw, num_heads, H // ph, W // pw, d)
+    out = o.permute(0, 4, 1, 5, 2, 3, 6).reshape(B, H, W, C)
+
+A ``1 x 1`` patch is plain multi-head attention over all ``H * W`` tokens (the ViT family, with
+``H = 1`` or ``W = 1`` for token sequences). Scores, softmax and accumulation run in float32 (float64
+for float64 input).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import backends
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def patch_attention(qkv: Tensor, num_heads: int, patch_size: Union[int, Sequence[int]] = (2, 2),
+                    scale: Optional[float] = None) -> Tensor:
+    """Multi-head attention within each patch-offset sequence of an image-ordered qkv.
+
+    Args:
+        qkv: ``[B, H, W, 3*C]`` float16/bfloat16/float32/float64, any strides: the qkv Linear applied
+            to the tokens in image order; the last dim is laid out ``(3, num_heads, head_dim)`` like
+            timm's ``Attention.qkv`` output.
+        num_heads: heads; ``head_dim = C // num_heads``.
+        patch_size: ``(ph, pw)`` (or one int for both); H and W must be multiples of it. ``(1, 1)``
+            is plain attention over all ``H * W`` tokens.
+        scale: the score scale, default ``head_dim ** -0.5``.
+
+    Returns ``[B, H, W, C]``, contiguous, last dim ``(num_heads, head_dim)`` (ready for the proj
+    Linear). Same as timm's unfold -> ``Attention`` core -> fold: see the module docstring for the
+    equivalent PyTorch. Differentiable in ``qkv``.
+    """
+    if isinstance(patch_size, int):
+        patch_size = (patch_size, patch_size)
+    return torch.ops.fastvit_kernels.patch_attention(qkv, num_heads, list(patch_size), scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks: one place, run by the real and the fake implementation alike.
+# --------------------------------------------------------------------------------------------------
+
+
+def check_inputs(qkv: Tensor, num_heads: int, patch_size: Sequence[int], scale: Optional[float]) -> None:
+    if qkv.dim() != 4:
+        raise ValueError(f"patch_attention: qkv must be a 4-D [B, H, W, 3*C] tensor (tokens in image order, "
+                         f"channels last), got shape {tuple(qkv.shape)}")
+    if qkv.dtype not in DTYPES:
+        raise TypeError(f"patch_attention: qkv.dtype {qkv.dtype} is not supported; supported: "
+                        f"float16, bfloat16, float32, float64")
+    if num_heads < 1:
+        raise ValueError(f"patch_attention: num_heads must be >= 1, got {num_heads}")
+    B, H, W, C3 = qkv.shape
+    if C3 == 0 or C3 % (3 * num_heads):
+        raise ValueError(f"patch_attention: the last dim of qkv must be a positive multiple of "
+                         f"3 * num_heads = {3 * num_heads} (laid out (3, num_heads, head_dim)), got {C3}")
+    if len(patch_size) != 2 or min(patch_size) < 1:
+        raise ValueError(f"patch_attention: patch_size must be two positive ints (ph, pw), "
+                         f"got {tuple(patch_size)}")
+    ph, pw = patch_size
+    if H < ph or W < pw:
+        raise ValueError(f"patch_attention: qkv's H x W = {H}x{W} is smaller than patch_size {ph}x{pw}")
+    if H % ph or W % pw:
+        raise ValueError(f"patch_attention: qkv's H x W = {H}x{W} must be multiples of patch_size {ph}x{pw} "
+                         f"(MobileViT resizes the map first)")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"patch_attention: scale must be a finite number or None, got {scale}")
+
+
+def resolve_scale(qkv: Tensor, num_heads: int, scale: Optional[float]) -> float:
+    """``scale``, or ``head_dim ** -0.5`` when it is None."""
+    return (qkv.shape[-1] // (3 * num_heads)) ** -0.5 if scale is None else float(scale)
+
+
+def new_output(qkv: Tensor) -> Tensor:
+    """The output tensor every backend writes into: contiguous ``[B, H, W, C]`` in qkv's dtype."""
+    B, H, W, C3 = qkv.shape
+    return torch.empty((B, H, W, C3 // 3), dtype=qkv.dtype, device=qkv.device)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# The gather to attention's layout and back, in plain PyTorch (reference and backward).
+# --------------------------------------------------------------------------------------------------
+
+
+def to_sequences(t: Tensor, patch_size: Sequence[int]) -> Tensor:
+    """``[B, H, W, X]`` in image order -> ``[B * ph * pw, N, X]``, sequences and tokens in timm's
+    unfold order: sequence ``b * ph * pw + py * pw + px``, token ``(y // ph) * (W // pw) + x // pw``."""
+    B, H, W, X = t.shape
+    ph, pw = patch_size
+    t = t.unflatten(1, (H // ph, ph)).unflatten(3, (W // pw, pw))  # [B, nh, ph, nw, pw, X]
+    return t.permute(0, 2, 4, 1, 3, 5).reshape(B * ph * pw, (H // ph) * (W // pw), X)
+
+
+def from_sequences(s: Tensor, image_shape: Sequence[int], patch_size: Sequence[int]) -> Tensor:
+    """The inverse of :func:`to_sequences` (timm's fold): ``[B * ph * pw, N, X]`` -> ``[B, H, W, X]``."""
+    B, H, W = image_shape
+    ph, pw = patch_size
+    s = s.reshape(B, ph, pw, H // ph, W // pw, s.shape[-1]).permute(0, 3, 1, 4, 2, 5)
+    return s.reshape(B, H, W, s.shape[-1])
+
+
+def split_heads(t: Tensor, groups: int, num_heads: int) -> Tensor:
+    """``[S, N, groups * heads * d]`` -> ``[groups, S, heads, N, d]`` (3 groups for qkv, 1 for an output)."""
+    S, N, X = t.shape
+    return t.reshape(S, N, groups, num_heads, X // (groups * num_heads)).permute(2, 0, 3, 1, 4)
+
+
+def merge_heads(t: Tensor) -> Tensor:
+    """``[groups, S, heads, N, d]`` -> ``[S, N, groups * heads * d]``, the inverse of :func:`split_heads`."""
+    G, S, heads, N, d = t.shape
+    return t.permute(1, 3, 0, 2, 4).reshape(S, N, G * heads * d)
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """Probabilities ``softmax(scale q k^T)`` and output ``P v`` for ``[S, heads, N, d]`` inputs."""
+    probs = torch.softmax(scale * (q @ k.transpose(-1, -2)), dim=-1)
+    return probs, probs @ v
+
+
+def attention_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, scale: float
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v (``[S, heads, N, d]``) given the output's gradient, written out:
+
+    S = scale q k^T, P = softmax(S), O = P V; dV = P^T dO, dP = dO V^T,
+    dS = P * (dP - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q.
+    """
+    probs, out = attention_forward(q, k, v, scale)
+    grad_v = probs.transpose(-1, -2) @ grad_out
+    grad_probs = grad_out @ v.transpose(-1, -2)
+    grad_scores = probs * (grad_probs - (grad_out * out).sum(dim=-1, keepdim=True))
+    grad_q = scale * (grad_scores @ k)
+    grad_k = scale * (grad_scores.transpose(-1, -2) @ q)
+    return grad_q, grad_k, grad_v
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends. Each takes (qkv, num_heads, (ph, pw), scale, out) and fills `out`.
+# --------------------------------------------------------------------------------------------------
+
+
+def reference(qkv: Tensor, num_heads: int, patch_size: Tuple[int, int], scale: float, out: Tensor) -> None:
+    """The specification: gather to ``[B*P, heads, N, d]``, attention in the accumulation dtype, scatter."""
+    q, k, v = split_heads(to_sequences(qkv.to(accumulation_dtype(qkv.dtype)), patch_size), 3, num_heads)
+    o = attention_forward(q, k, v, scale)[1]
+    out.copy_(from_sequences(merge_heads(o[None]), qkv.shape[:3], patch_size))
+
+
+def _run_triton(*args) -> None:
+    from ..triton.patch_attention import patch_attention_triton
+
+    patch_attention_triton(*args)
+
+
+def _triton_unsupported(qkv: Tensor, num_heads: int, *args) -> Optional[str]:
+    # Only asked once triton imported (backends.why_not checks the load first).
+    from ..triton.patch_attention import unsupported
+
+    reason = unsupported(qkv, num_heads)
+    return f"{reason} (use reference)" if reason else None
+
+
+# The C++ cpu/cuda kernels come later: with no cpu implementation, CPU tensors run the reference.
+IMPLEMENTATIONS = (
+    backends.Implementation("triton", _run_triton, _triton_unsupported),
+    backends.Implementation("reference", reference),
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration: opaque to torch.compile (no graph break), fake impl for tracing,
+# autograd through the written-out attention backward in plain PyTorch (traceable by torch.compile).
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvit_kernels::patch_attention", mutates_args=())
+def _patch_attention(qkv: Tensor, num_heads: int, patch_size: List[int], scale: Optional[float]) -> Tensor:
+    check_inputs(qkv, num_heads, patch_size, scale)
+    out = new_output(qkv)
+    if out.numel() == 0:
+        return out
+    backends.run("patch_attention", IMPLEMENTATIONS, qkv.device, qkv, num_heads, tuple(patch_size),
+                 resolve_scale(qkv, num_heads, scale), out)
+    return out
+
+
+@_patch_attention.register_fake
+def _(qkv, num_heads, patch_size, scale):
+    check_inputs(qkv, num_heads, patch_size, scale)
+    return new_output(qkv)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, num_heads, patch_size, scale = inputs
+    # Only qkv is kept: the backward recomputes P (and O) in the accumulation dtype, which costs one
+    # more pass but no [B*P, heads, N, N] buffer between forward and backward.
+    ctx.save_for_backward(qkv)
+    ctx.num_heads, ctx.patch_size = num_heads, tuple(patch_size)
+    ctx.scale = resolve_scale(qkv, num_heads, scale)
+
+
+def _backward(ctx, grad_out: Tensor):
+    (qkv,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    acc = accumulation_dtype(qkv.dtype)
+    q, k, v = split_heads(to_sequences(qkv.to(acc), ctx.patch_size), 3, ctx.num_heads)
+    (grad_o,) = split_heads(to_sequences(grad_out.to(acc), ctx.patch_size), 1, ctx.num_heads)
+    grads = torch.stack(attention_backward(q, k, v, grad_o, ctx.scale))  # [3, B*P, heads, N, d]
+    grad_qkv = from_sequences(merge_heads(grads), qkv.shape[:3], ctx.patch_size)
+    return grad_qkv.to(qkv.dtype), None, None, None
+
+
+_patch_attention.register_autograd(_backward, setup_context=_setup_context)
