@@ -46,13 +46,19 @@ def _dwconv_jobs():
                                  num_warps=cfg.num_warps, arch=arch)
 
 
-def test_triton_aot_dwconv_bn_act_every_config_compiles_without_spills():
-    results = aot.compile_many(list(_dwconv_jobs()))
-    table = aot.format_table(results, ["K", "CHANNELS_LAST", "BLOCK_P", "BLOCK_C"])
+def assert_compile_without_spills(jobs, columns, pointer):
+    """Compile every job; fail listing each one that did not compile, spilled or overflowed shared
+    memory (identified by arch, the dtype of argument ``pointer``, constexprs, attrs and warps)."""
+    results = aot.compile_many(list(jobs))
+    table = aot.format_table(results, columns)
     print(table)
-    bad = [f"{r.job.arch} {r.job.signature['x_ptr']} {dict(r.job.constexprs)} attrs={dict(r.job.attrs)}: "
-           f"{problem}" for r in results for problem in r.problems()]
+    bad = [f"{r.job.arch} {r.job.signature[pointer]} {dict(r.job.constexprs)} attrs={dict(r.job.attrs)} "
+           f"warps={r.job.num_warps}: {problem}" for r in results for problem in r.problems()]
     assert not bad, "\n".join(bad) + "\n\n" + table
+
+
+def test_triton_aot_dwconv_bn_act_every_config_compiles_without_spills():
+    assert_compile_without_spills(_dwconv_jobs(), ["K", "CHANNELS_LAST", "BLOCK_P", "BLOCK_C"], "x_ptr")
 
 
 @pytest.mark.parametrize("dtype", dw.DTYPES)
@@ -93,12 +99,7 @@ def _patch_attention_jobs():
 
 
 def test_triton_aot_patch_attention_every_config_compiles_without_spills():
-    results = aot.compile_many(list(_patch_attention_jobs()))
-    table = aot.format_table(results, ["D_PAD", "BLOCK_M", "BLOCK_N", "VEC"])
-    print(table)
-    bad = [f"{r.job.arch} {r.job.signature['qkv_ptr']} {dict(r.job.constexprs)} warps={r.job.num_warps}: "
-           f"{problem}" for r in results for problem in r.problems()]
-    assert not bad, "\n".join(bad) + "\n\n" + table
+    assert_compile_without_spills(_patch_attention_jobs(), ["D_PAD", "BLOCK_M", "BLOCK_N", "VEC"], "qkv_ptr")
 
 
 @pytest.mark.parametrize("dtype", pa.DTYPES)
