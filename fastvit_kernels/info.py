@@ -8,6 +8,7 @@ import platform
 import torch
 
 from . import __version__, backends
+from .ops import implementations
 
 
 def collect() -> dict:
@@ -29,18 +30,22 @@ def collect() -> dict:
         "extension built with CUDA": bool(ext and ext.has_cuda()),
         "requested backend": os.environ.get(backends.ENV_VAR) or "automatic",
         "backends": {name: backends.load_error(name) or "available" for name in backends.BACKENDS},
+        "ops": implementations(),
     }
 
 
 def main() -> None:
     info = collect()
     for key, value in info.items():
-        if key != "backends":
+        if key not in ("backends", "ops"):
             print(f"{key:>26}: {value}")
     print("backends (default order: cuda tensors", " > ".join(backends.DEFAULT_ORDER["cuda"]),
           "| cpu tensors", " > ".join(backends.DEFAULT_ORDER["cpu"]) + ")")
     for name, status in info["backends"].items():
         print(f"{name:>26}: {status}")
+    print("ops (backends implemented; a backend serves an op when it loaded and supports the input)")
+    for op, names in info["ops"].items():
+        print(f"{op:>26}: {', '.join(names)}")
 
 
 if __name__ == "__main__":
