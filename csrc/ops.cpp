@@ -7,6 +7,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 namespace fastvit_kernels {
 
 // ---- launchers, defined in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu ------------------------------
@@ -15,6 +17,12 @@ void dwconv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
 #ifdef WITH_CUDA
 void dwconv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                         int64_t kernel_size, int64_t stride, int64_t act, const at::Tensor& out);
+#endif
+void patch_attention_cpu(const at::Tensor& qkv, int64_t num_heads, int64_t ph, int64_t pw, double scale,
+                         const at::Tensor& out);
+#ifdef WITH_CUDA
+void patch_attention_cuda(const at::Tensor& qkv, int64_t num_heads, int64_t ph, int64_t pw, double scale,
+                          const at::Tensor& out);
 #endif
 
 namespace {
@@ -83,6 +91,54 @@ void dwconv_bn_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, const
 }
 #endif
 
+// ---- patch_attention ----------------------------------------------------------------------------
+
+void check_patch_attention(const at::Tensor& qkv, int64_t num_heads, int64_t ph, int64_t pw, double scale,
+                           const at::Tensor& out) {
+  constexpr const char* op = "patch_attention_out";
+  TORCH_CHECK(out.device() == qkv.device(), op, ": all tensors must be on one device, got qkv on ",
+              qkv.device(), ", out on ", out.device());
+  const auto dt = qkv.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op,
+              ": qkv must be float32, float16, bfloat16 or float64, got ", dt);
+  TORCH_CHECK(out.scalar_type() == dt, op, ": out must have qkv's dtype ", dt, ", got ", out.scalar_type());
+  TORCH_CHECK(qkv.dim() == 4, op, ": qkv must be 4-D [B, H, W, 3*C] (image order, channels last), got shape ",
+              qkv.sizes());
+  TORCH_CHECK(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads);
+  const int64_t B = qkv.size(0), H = qkv.size(1), W = qkv.size(2), C3 = qkv.size(3);
+  TORCH_CHECK(C3 > 0 && C3 % (3 * num_heads) == 0, op,
+              ": the last dim of qkv must be a positive multiple of 3 * num_heads = ", 3 * num_heads,
+              " (laid out (3, num_heads, head_dim)), got ", C3);
+  TORCH_CHECK(ph >= 1 && pw >= 1, op, ": patch size (ph, pw) must be positive, got (", ph, ", ", pw, ")");
+  TORCH_CHECK(H % ph == 0 && W % pw == 0, op, ": qkv's H x W = ", H, "x", W,
+              " must be multiples of the patch size ", ph, "x", pw);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == B && out.size(1) == H && out.size(2) == W &&
+                  out.size(3) == C3 / 3,
+              op, ": out must have shape [", B, ", ", H, ", ", W, ", ", C3 / 3, "] for qkv of shape ",
+              qkv.sizes(), ", got ", out.sizes());
+  // Every element of out is written once, from values of qkv: out may not overlap itself or qkv.
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+              ": out must not have overlapping elements, got strides ", out.strides());
+  const auto overlap = at::get_overlap_status(out, qkv);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+              ": out must not share memory with qkv (in-place is not supported)");
+}
+
+void patch_attention_out_cpu(const at::Tensor& qkv, int64_t num_heads, int64_t ph, int64_t pw, double scale,
+                             const at::Tensor& out) {
+  check_patch_attention(qkv, num_heads, ph, pw, scale, out);
+  patch_attention_cpu(qkv, num_heads, ph, pw, scale, out);
+}
+
+#ifdef WITH_CUDA
+void patch_attention_out_cuda(const at::Tensor& qkv, int64_t num_heads, int64_t ph, int64_t pw, double scale,
+                              const at::Tensor& out) {
+  check_patch_attention(qkv, num_heads, ph, pw, scale, out);
+  patch_attention_cuda(qkv, num_heads, ph, pw, scale, out);
+}
+#endif
+
 }  // namespace
 }  // namespace fastvit_kernels
 
@@ -91,15 +147,20 @@ TORCH_LIBRARY(fastvit_kernels_C, m) {
   m.def(
       "dwconv_bn_act_out(Tensor x, Tensor weight, Tensor bias, int kernel_size, int stride, int act, "
       "Tensor(a!) out) -> ()");
+  // Writes patch-grouped multi-head attention of qkv [B, H, W, 3*C] (image order; last dim
+  // (3, heads, d)) into out [B, H, W, C]: sequence (h % ph, w % pw) of each image, scores scaled by scale.
+  m.def("patch_attention_out(Tensor qkv, int num_heads, int ph, int pw, float scale, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastvit_kernels_C, CPU, m) {
   m.impl("dwconv_bn_act_out", &fastvit_kernels::dwconv_bn_act_out_cpu);
+  m.impl("patch_attention_out", &fastvit_kernels::patch_attention_out_cpu);
 }
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(fastvit_kernels_C, CUDA, m) {
   m.impl("dwconv_bn_act_out", &fastvit_kernels::dwconv_bn_act_out_cuda);
+  m.impl("patch_attention_out", &fastvit_kernels::patch_attention_out_cuda);
 }
 #endif
 

@@ -78,6 +78,7 @@ def test_every_output_element_is_written(backend, out_format):
     w, b = params(19, 5)
     weight, bias = op_module.kernel_params(x, w, b)
     out = torch.full((2, 19, 5, 6), float("nan"), device=DEVICE).to(memory_format=out_format)
+    assert fk.backends.load_error(backend) is None  # also loads the extension that registers its ops
     impl = {i.backend: i for i in op_module.IMPLEMENTATIONS}[backend]
     impl.run(x, weight, bias, 5, 2, op_module.ACTIVATIONS["silu"], out)
     assert_close(out, eager(x, w, b, 2, "silu", torch.float64), eager(x, w, b, 2, "silu"), backend)

@@ -10,7 +10,7 @@ from helpers import BACKENDS as DEVICE_BACKENDS, DEVICE, DTYPES, INTERPRETED, as
 
 op_module = importlib.import_module("fastvit_kernels.ops.patch_attention")
 
-# The backends this op implements (the C++ cpu/cuda kernels come later).
+# The backends this op implements (all of them: triton, cuda, cpu, reference).
 BACKENDS = [b for b in DEVICE_BACKENDS if b in {i.backend for i in op_module.IMPLEMENTATIONS}]
 BF16_INTERPRETER = "bf16 tl.dot gives wrong results in the Triton interpreter: tested on a GPU only"
 
@@ -27,7 +27,8 @@ SHAPES = [
     (1, 16, 16, 1, 64, (2, 2)),  # 64 tokens
     (1, 2, 4, 1, 128, (2, 2)),  # 2 tokens, the widest head
 ]
-# Long sequences, for the backends that are not interpreted.
+# Long sequences, for the backends that are not interpreted (the cpu kernel: several query blocks of
+# 32, and a last block that is not full).
 LONG_SHAPES = [
     (1, 32, 32, 2, 36, (2, 2)),  # 256 tokens (MobileViT-S stage 3 at 256 px)
     (1, 64, 32, 1, 48, (2, 2)),  # 512 tokens
@@ -125,6 +126,7 @@ def test_every_output_element_is_written(backend, out_layout):
     else:  # every other channel of a wider buffer: channel stride 2
         out = torch.full((B, H, W, 2 * C), float("nan"), device=DEVICE)[..., ::2]
     impl = {i.backend: i for i in op_module.IMPLEMENTATIONS}[backend]
+    assert fk.backends.load_error(backend) is None  # also loads the extension: impl.run bypasses dispatch
     impl.run(qkv, heads, patch, d ** -0.5, out)
     assert_close(out, eager(qkv, heads, patch, dtype=torch.float64), eager(qkv, heads, patch), backend)
 
@@ -260,8 +262,8 @@ def test_compile_fullgraph_forward_and_backward():
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the default choice on CPU tensors")
-def test_cpu_tensors_default_to_the_reference(monkeypatch):
-    """No cpu implementation yet: backends.run skips it and takes the reference."""
+def test_cpu_tensors_default_to_the_cpu_kernel(monkeypatch):
+    """With no preference, CPU tensors take the C++ cpu backend (DEFAULT_ORDER), not the reference."""
     monkeypatch.delenv(fk.backends.ENV_VAR, raising=False)
     calls = []
     monkeypatch.setattr(op_module, "IMPLEMENTATIONS", tuple(
@@ -269,15 +271,40 @@ def test_cpu_tensors_default_to_the_reference(monkeypatch):
                                    i.unsupported)
         for i in op_module.IMPLEMENTATIONS))
     fk.patch_attention(make_qkv(1, 2, 2, 1, 16), 1)
-    assert calls == ["reference"]
+    assert calls == ["cpu"]
 
 
-@pytest.mark.parametrize("name", ["cpu", "cuda"])
-def test_backend_without_an_implementation_says_so(name):
-    with pytest.raises(fk.BackendUnavailable, match=f"backend '{name}' cannot run patch_attention: "
-                                                    f"patch_attention has no {name} implementation"):
-        with fk.use_backend(name):
+def test_backend_for_another_device_says_why():
+    """Asking for the other device's C++ backend raises, naming the device (no silent fallback)."""
+    other = "cuda" if DEVICE.type == "cpu" else "cpu"
+    with pytest.raises(fk.BackendUnavailable, match=f"backend '{other}' cannot run patch_attention: .+"):
+        with fk.use_backend(other):
             fk.patch_attention(make_qkv(1, 2, 2, 1, 16), 1)
+
+
+@pytest.mark.parametrize("make_out, message", [
+    (lambda q: torch.empty(1, 4, 6, 20, device=DEVICE), r"out must have shape \[1, 4, 6, 40\] .*got \[1, 4, 6, 20\]"),
+    (lambda q: torch.empty(1, 4, 6, 40, device=DEVICE, dtype=torch.float64), "out must have qkv's dtype Float"),
+    (lambda q: q.view(-1)[:960].view(1, 4, 6, 40), "out must not share memory with qkv"),
+    (lambda q: torch.empty(1, 1, 1, 1, device=DEVICE).expand(1, 4, 6, 40), "out must not have overlapping"),
+])
+def test_extension_checks_its_arguments(make_out, message):
+    """The C++ op validates what the Python layer normally guarantees, naming the argument."""
+    qkv = make_qkv(1, 4, 6, 2, 20)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastvit_kernels_C.patch_attention_out(qkv, 2, 2, 2, 0.2, make_out(qkv))
+    with pytest.raises(RuntimeError, match=r"H x W = 4x6 must be multiples of the patch size 3x2"):
+        torch.ops.fastvit_kernels_C.patch_attention_out(qkv, 2, 3, 2, 0.2, torch.empty(1, 4, 6, 40, device=DEVICE))
+    with pytest.raises(RuntimeError, match=r"multiple of 3 \* num_heads = 21 .*got 120"):
+        torch.ops.fastvit_kernels_C.patch_attention_out(qkv, 7, 2, 2, 0.2, torch.empty(1, 4, 6, 40, device=DEVICE))
+
+
+def test_extension_handles_large_head_dims():
+    """Head dims above the CUDA kernel's 64-channel accumulator chunk (and above Triton's 128)."""
+    qkv = make_qkv(1, 4, 4, 1, 150)
+    with fk.use_backend(DEVICE.type):
+        out = fk.patch_attention(qkv, 1, (2, 2))
+    assert_close(out, eager(qkv, 1, (2, 2), dtype=torch.float64), eager(qkv, 1, (2, 2)), "head_dim 150")
 
 
 @pytest.mark.parametrize("dtype, heads, head_dim, message", [

@@ -173,17 +173,24 @@ def _run_triton(*args) -> None:
     patch_attention_triton(*args)
 
 
+def _run_extension(qkv: Tensor, num_heads: int, patch_size: Tuple[int, int], scale: float, out: Tensor) -> None:
+    torch.ops.fastvit_kernels_C.patch_attention_out(qkv, num_heads, patch_size[0], patch_size[1], scale, out)
+
+
 def _triton_unsupported(qkv: Tensor, num_heads: int, *args) -> Optional[str]:
     # Only asked once triton imported (backends.why_not checks the load first).
     from ..triton.patch_attention import unsupported
 
     reason = unsupported(qkv, num_heads)
-    return f"{reason} (use reference)" if reason else None
+    return f"{reason} (the cuda or reference backend serves it)" if reason else None
 
 
-# The C++ cpu/cuda kernels come later: with no cpu implementation, CPU tensors run the reference.
+# cuda and cpu: the C++ extension (csrc/{cuda,cpu}/patch_attention.*, one math header), any head dim,
+# dtype and strides; cuda is the fallback where Triton is missing or refuses the input.
 IMPLEMENTATIONS = (
     backends.Implementation("triton", _run_triton, _triton_unsupported),
+    backends.Implementation("cuda", _run_extension),
+    backends.Implementation("cpu", _run_extension),
     backends.Implementation("reference", reference),
 )
 
