@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-# The same floors as the unit tests (tests/helpers.py): about a few ulps of each dtype at magnitude 1.
+# About a few ulps of each dtype at magnitude 1; the unit tests (tests/helpers.py) use these too.
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 RULE = "max|out - ref64| <= 2 * max|eager_same_dtype - ref64| + floor[dtype] * max(1, max|ref64|)"
