@@ -185,11 +185,6 @@ def test_compile_fullgraph_training_step():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(groups=1), "conv is not depthwise: in_channels=8, out_channels=8, groups=1"),
-    (dict(groups=8, dilation=2), r"dilation=\(2, 2\)"),
-    (dict(groups=8, padding=0), r"padding=\(0, 0\)"),
-    (dict(groups=8, kernel_size=4), r"kernel_size=\(4, 4\)"),
-    (dict(groups=8, stride=3), r"stride=\(3, 3\)"),
     (dict(groups=8, act_layer=nn.GELU), "activation GELU is not supported"),
     (dict(groups=8, norm_layer=nn.InstanceNorm2d), "norm InstanceNorm2d is not nn.BatchNorm2d"),
 ])
@@ -215,3 +210,52 @@ def test_module_built_under_inference_mode():
         seq[1].running_var.mul_(2)  # in place, invisible to a version counter
         fused[1].running_var.mul_(2)
         torch.testing.assert_close(fused(x), seq(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv_kwargs", [
+    dict(in_channels=6, out_channels=10, kernel_size=1),                            # pointwise
+    dict(in_channels=6, out_channels=8, kernel_size=3, stride=2),                   # full conv
+    dict(in_channels=6, out_channels=6, kernel_size=3, groups=2),                   # grouped
+    dict(in_channels=6, out_channels=6, kernel_size=3, groups=6, dilation=2),       # dilated depthwise
+    dict(in_channels=6, out_channels=6, kernel_size=3, groups=6, stride=3),         # stride the kernel lacks
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_conv_path_matches_eager(conv_kwargs, dtype):
+    """Convs the depthwise kernel does not take run as an eager conv with BatchNorm folded in."""
+    timm_module = ConvNormAct(**conv_kwargs, act_layer="silu").to(DEVICE).eval()
+    randomize_bn(timm_module.bn)
+    fused = fk.FusedConvBNAct.from_module(copy.deepcopy(timm_module))
+    assert fk.modules.conv_bn_act.dwconv_kernel_mismatch(fused.conv) is not None
+    x = make_input((2, 6, 11, 9), dtype, "channels_last")
+    with torch.no_grad():
+        ref64 = copy.deepcopy(timm_module).double()(x.double())
+        assert_close(fused(x), ref64, copy.deepcopy(timm_module).to(dtype)(x), str(conv_kwargs))
+    # Training: batch statistics and gradients exactly as the eager module.
+    timm_module.train(), fused.train()
+    x = x.float().requires_grad_()
+    fused(x).square().sum().backward()
+    grad_ours = fused.conv.weight.grad.clone()
+    fused.conv.weight.grad = None
+    timm_module(x).square().sum().backward()
+    torch.testing.assert_close(grad_ours, timm_module.conv.weight.grad)
+
+
+def test_folded_conv_path_keeps_autograd_through_the_activation():
+    """Eval with grads flowing (e.g. input attribution): the activation must not run in place."""
+    timm_module = ConvNormAct(4, 6, 1, act_layer="silu").to(DEVICE).eval()
+    randomize_bn(timm_module.bn)
+    fused = fk.FusedConvBNAct.from_module(copy.deepcopy(timm_module))
+    x = make_input((1, 4, 5, 5), torch.float32).requires_grad_()
+    (g_ours,) = torch.autograd.grad(fused(x).sum(), x)
+    (g_ref,) = torch.autograd.grad(timm_module(x).sum(), x)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dwconv_kernel_mismatch_names_the_reason():
+    mismatch = fk.modules.conv_bn_act.dwconv_kernel_mismatch
+    assert mismatch(nn.Conv2d(8, 8, 3, padding=1, groups=8)) is None
+    assert "conv is not depthwise: in_channels=8, out_channels=8, groups=1" in mismatch(nn.Conv2d(8, 8, 3))
+    assert "dilation=(2, 2)" in mismatch(nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8))
+    assert "padding=(0, 0)" in mismatch(nn.Conv2d(8, 8, 3, groups=8))
+    assert "kernel_size=(4, 4)" in mismatch(nn.Conv2d(8, 8, 4, padding=2, groups=8))
+    assert "stride=(3, 3)" in mismatch(nn.Conv2d(8, 8, 3, 3, 1, groups=8))

@@ -19,14 +19,14 @@ def conv_bn(C, conv=None, act=nn.SiLU, **conv_kwargs):
 def model_with_every_case():
     C = 8
     model = nn.Module()
-    model.stem = ConvNormAct(3, C, 3, stride=2, act_layer="silu")                     # not depthwise
+    model.stem = ConvNormAct(3, C, 3, stride=2, act_layer="silu")                     # full conv: folded
     model.dw_timm = ConvNormAct(C, C, 5, groups=C, act_layer="silu")                  # fused
     model.dw_timm_s2 = ConvNormAct(C, C, 3, stride=2, groups=C, act_layer=None)       # fused, no act
     model.blocks = nn.Sequential(
         conv_bn(C, groups=C),                                                          # fused
         conv_bn(C, groups=C, act=nn.ReLU, stride=2),                                   # fused
-        conv_bn(C, groups=2),                                                          # grouped: left alone
-        conv_bn(C, groups=C, dilation=2, padding=2),                                   # dilated: left alone
+        conv_bn(C, groups=2),                                                          # grouped: folded
+        conv_bn(C, groups=C, dilation=2, padding=2),                                   # dilated: folded
         conv_bn(C, groups=C, act=nn.ReLU6),                                            # ReLU6: left alone
         conv_bn(C, conv=create_conv2d(C, C, 3, stride=2, padding="same", groups=C)),  # dynamic pad: alone
         nn.Sequential(nn.Conv2d(C, C, 3, 1, 1, groups=C), nn.BatchNorm2d(C), nn.SiLU(), nn.SiLU()),  # 4 long
@@ -44,9 +44,9 @@ def test_patch_replaces_exactly_the_supported_modules():
     x = make_input((2, 3, 32, 32), torch.float32)
     keys = list(model.state_dict())
     replaced = fk.patch(model)
-    assert sorted(replaced) == ["blocks.0", "blocks.1", "dw_timm", "dw_timm_s2"]
+    assert sorted(replaced) == ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "dw_timm", "dw_timm_s2", "stem"]
     assert isinstance(model.dw_timm, fk.FusedConvBNAct) and isinstance(model.blocks[0], fk.FusedConvBNActSequential)
-    assert type(model.blocks[2]) is nn.Sequential and type(model.stem) is ConvNormAct
+    assert isinstance(model.stem, fk.FusedConvBNAct) and type(model.blocks[4]) is nn.Sequential
     assert list(model.state_dict()) == keys
     assert type(replaced["dw_timm"]) is ConvNormAct and replaced["dw_timm"].conv is model.dw_timm.conv
     with torch.no_grad():

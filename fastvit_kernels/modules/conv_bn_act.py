@@ -1,8 +1,10 @@
-"""Drop-in fused depthwise Conv2d -> BatchNorm2d -> SiLU/ReLU/Identity.
+"""Drop-in fused Conv2d -> BatchNorm2d -> SiLU/ReLU/Identity.
 
 Eval: BatchNorm is folded into the conv weight and bias (cached, refreshed whenever any weight or
-buffer changes) and one fused kernel does conv + bias + activation. Training, or a BatchNorm without
-running statistics: the conv runs fused, then BatchNorm with batch statistics exactly as
+buffer changes). A depthwise conv then runs as one ``dwconv_bn_act`` kernel (conv + bias +
+activation); any other conv (pointwise, full, grouped, dilated) runs as the eager conv with the
+folded weight and the activation in place, which drops the BatchNorm pass. Training, or a BatchNorm
+without running statistics: the conv, then BatchNorm with batch statistics exactly as
 ``nn.BatchNorm2d`` (running-stat updates included), then the activation.
 """
 
@@ -20,6 +22,7 @@ from ..ops.dwconv_bn_act import ACTIVATIONS, KERNEL_SIZES, STRIDES, dwconv_bn_ac
 
 _ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "none", type(None): "none"}
 _ACT_FUNCTIONS = {"silu": F.silu, "relu": F.relu, "none": lambda t: t}
+_ACT_INPLACE = {"silu": lambda t: F.silu(t, inplace=True), "relu": F.relu_, "none": lambda t: t}
 
 
 class Unsupported(ValueError):
@@ -40,30 +43,39 @@ def activation_name(act) -> str:
 
 
 def check_fusable(conv: nn.Module, bn: nn.Module) -> None:
-    """Raise :class:`Unsupported` naming what the fused kernel cannot do for this conv + norm pair."""
+    """Raise :class:`Unsupported` naming why this conv + norm pair cannot be fused at all."""
     # A subclass that overrides forward (timm's Conv2dSame, weight-standardised convs) computes
-    # something else than the plain conv the kernel implements.
+    # something else than the plain conv both paths implement.
     if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
         raise Unsupported(f"conv {type(conv).__name__} is not a plain nn.Conv2d")
-    C, K = conv.in_channels, conv.kernel_size[0]
-    if not conv.groups == C == conv.out_channels:
-        raise Unsupported(f"conv is not depthwise: in_channels={C}, out_channels={conv.out_channels}, "
-                          f"groups={conv.groups}; supported: groups == in_channels == out_channels")
-    if conv.kernel_size != (K, K) or K not in KERNEL_SIZES:
-        raise Unsupported(f"conv kernel_size={conv.kernel_size}; supported: square, one of {KERNEL_SIZES}")
-    if conv.stride[0] != conv.stride[1] or conv.stride[0] not in STRIDES:
-        raise Unsupported(f"conv stride={conv.stride}; supported: {STRIDES}, equal in H and W")
-    if conv.dilation != (1, 1):
-        raise Unsupported(f"conv dilation={conv.dilation}; supported: 1")
-    if conv.padding != (K // 2, K // 2) or conv.padding_mode != "zeros":
-        raise Unsupported(f"conv padding={conv.padding!r} ({conv.padding_mode}); supported: "
-                          f"zero padding kernel_size // 2 = {K // 2}")
     if not isinstance(bn, nn.BatchNorm2d) or type(bn).__name__ not in ("BatchNorm2d", "BatchNormAct2d"):
         raise Unsupported(f"norm {type(bn).__name__} is not nn.BatchNorm2d or timm's BatchNormAct2d")
-    if bn.num_features != C:
-        raise Unsupported(f"BatchNorm2d has {bn.num_features} features for a conv of {C} channels")
+    if bn.num_features != conv.out_channels:
+        raise Unsupported(f"BatchNorm2d has {bn.num_features} features for a conv of {conv.out_channels} "
+                          f"output channels")
     if not isinstance(getattr(bn, "drop", nn.Identity()), nn.Identity):
         raise Unsupported(f"BatchNormAct2d.drop {type(bn.drop).__name__} is not supported")
+
+
+def dwconv_kernel_mismatch(conv: nn.Conv2d) -> Optional[str]:
+    """Why ``conv`` cannot run on the ``dwconv_bn_act`` kernel, or None when it can.
+
+    Such convs still fuse, on the folded-conv path: eager conv with BatchNorm folded into it.
+    """
+    C, K = conv.in_channels, conv.kernel_size[0]
+    if not conv.groups == C == conv.out_channels:
+        return (f"conv is not depthwise: in_channels={C}, out_channels={conv.out_channels}, "
+                f"groups={conv.groups}; supported: groups == in_channels == out_channels")
+    if conv.kernel_size != (K, K) or K not in KERNEL_SIZES:
+        return f"conv kernel_size={conv.kernel_size}; supported: square, one of {KERNEL_SIZES}"
+    if conv.stride[0] != conv.stride[1] or conv.stride[0] not in STRIDES:
+        return f"conv stride={conv.stride}; supported: {STRIDES}, equal in H and W"
+    if conv.dilation != (1, 1):
+        return f"conv dilation={conv.dilation}; supported: 1"
+    if conv.padding != (K // 2, K // 2) or conv.padding_mode != "zeros":
+        return (f"conv padding={conv.padding!r} ({conv.padding_mode}); supported: "
+                f"zero padding kernel_size // 2 = {K // 2}")
+    return None
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
@@ -117,14 +129,28 @@ class BatchNormFold:
 
 
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str, fold: BatchNormFold) -> Tensor:
-    """``act(bn(conv(x)))`` through the fused op; ``conv``/``bn`` already passed :func:`check_fusable`."""
-    stride = conv.stride[0]
+    """``act(bn(conv(x)))``; ``conv``/``bn`` already passed :func:`check_fusable`.
+
+    Depthwise convs the kernel supports run on ``dwconv_bn_act``; any other conv runs as an eager
+    conv with the BatchNorm folded into its weight and bias (eval), the activation applied in place.
+    """
+    depthwise = dwconv_kernel_mismatch(conv) is None
     if bn.training or bn.running_mean is None:
-        y = dwconv_bn_act(x, conv.weight, conv.bias, stride, "none")
+        if depthwise:
+            y = dwconv_bn_act(x, conv.weight, conv.bias, conv.stride[0], "none")
+        else:
+            y = conv(x)
         # _BatchNorm.forward, not bn(): timm's BatchNormAct2d would apply its activation too.
         return _ACT_FUNCTIONS[act](_BatchNorm.forward(bn, y))
     weight, bias = fold(conv, bn)
-    return dwconv_bn_act(x, weight, bias, stride, act)
+    if depthwise:
+        return dwconv_bn_act(x, weight, bias, conv.stride[0], act)
+    if x.dim() == 4 and x.shape[1] != conv.in_channels:
+        raise ValueError(f"conv_bn_act: x has C={x.shape[1]} channels, the conv expects {conv.in_channels}")
+    y = conv._conv_forward(x, weight.to(x.dtype), bias.to(x.dtype))
+    # In place saves a pass over memory; autograd needs the pre-activation when grads flow.
+    inplace = not (torch.is_grad_enabled() and y.requires_grad)
+    return _ACT_INPLACE[act](y) if inplace else _ACT_FUNCTIONS[act](y)
 
 
 class _FoldCacheMixin:
@@ -134,15 +160,16 @@ class _FoldCacheMixin:
 
 
 class FusedConvBNAct(_FoldCacheMixin, nn.Module):
-    """Fused drop-in for timm's ``ConvNormAct`` with a depthwise conv (same arguments, same keys:
-    ``conv.weight``, ``bn.*``).
+    """Fused drop-in for timm's ``ConvNormAct`` (same arguments, same keys: ``conv.weight``, ``bn.*``).
 
     Equivalent PyTorch::
 
-        y = act_layer()(nn.BatchNorm2d(C)(nn.Conv2d(C, C, k, stride, k // 2, groups=C, bias=bias)(x)))
+        conv = nn.Conv2d(in_channels, out_channels, k, stride, padding, dilation, groups, bias=bias)
+        y = act_layer()(nn.BatchNorm2d(out_channels)(conv(x)))
 
-    Supports depthwise convs (``groups == in_channels == out_channels``), odd kernel 1..9, stride 1/2,
-    padding ``k // 2``, and SiLU, ReLU or no activation; other configurations raise ``ValueError``.
+    Depthwise convs (``groups == in_channels == out_channels``) with an odd kernel 1..9, stride 1/2
+    and padding ``k // 2`` run on the ``dwconv_bn_act`` kernel; every other conv on the folded-conv
+    path (see the module docstring). Activations: SiLU, ReLU or none; others raise ``Unsupported``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
@@ -151,8 +178,8 @@ class FusedConvBNAct(_FoldCacheMixin, nn.Module):
                  norm_kwargs: Optional[dict] = None, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if padding in ("", None):
-            padding = kernel_size // 2
+        if padding in ("", None):  # timm's symmetric default padding
+            padding = ((stride - 1) + dilation * (kernel_size - 1)) // 2
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                               bias, **dd)
         self.bn = norm_layer(out_channels, **(norm_kwargs or {}), **dd)
