@@ -5,7 +5,8 @@ affected backend is unavailable and ``python -m fastvit_kernels.info`` says why.
 """
 
 from .backends import BACKENDS, BackendUnavailable, use_backend
-from .modules import FusedConvBNAct, FusedConvBNActSequential
+from .models import create_model, list_models
+from .modules import FusedConvBNAct, FusedConvBNActSequential, FusedMobileViTBlock
 from .ops import dwconv_bn_act, patch_attention
 from .patch import patch
 
@@ -16,7 +17,10 @@ __all__ = [
     "BackendUnavailable",
     "FusedConvBNAct",
     "FusedConvBNActSequential",
+    "FusedMobileViTBlock",
+    "create_model",
     "dwconv_bn_act",
+    "list_models",
     "patch",
     "patch_attention",
     "use_backend",

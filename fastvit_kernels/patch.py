@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Tuple
 import torch.nn as nn
 
 from .modules.conv_bn_act import FusedConvBNAct, Unsupported
+from .modules.mobilevit_block import FusedMobileViTBlock
 
 
 def _is_timm(module: nn.Module, class_name: str) -> bool:
@@ -25,7 +26,9 @@ def _is_conv_bn_sequential(module: nn.Module) -> bool:
             and isinstance(module[0], nn.Conv2d) and isinstance(module[1], nn.BatchNorm2d))
 
 
+# First match wins; a replaced module's children are not visited (the fused module took them over).
 REPLACEMENTS: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = [
+    (lambda m: _is_timm(m, "MobileVitBlock"), FusedMobileViTBlock.from_module),
     (lambda m: _is_timm(m, "ConvNormAct"), FusedConvBNAct.from_module),
     (_is_conv_bn_sequential, FusedConvBNAct.from_module),
 ]
@@ -36,8 +39,12 @@ def patch(model: nn.Module) -> Dict[str, nn.Module]:
 
     Returns ``{qualified name: original module}`` for everything replaced (restore one with
     ``model.set_submodule(name, original)``). Parameters and buffers are shared with the originals,
-    so state_dict keys, optimizers and loaded weights carry over. Unsupported configurations
-    (grouped-but-not-depthwise convs, dilation, unusual padding, other activations) are left alone.
+    so state_dict keys, optimizers and loaded weights carry over. What is replaced: timm
+    ``MobileVitBlock`` -> ``FusedMobileViTBlock``; timm ``ConvNormAct`` and ``nn.Sequential(Conv2d,
+    BatchNorm2d[, SiLU|ReLU|Identity])`` -> ``FusedConvBNAct`` (depthwise convs on the fused kernel,
+    others with BatchNorm folded at eval). Unsupported configurations (other activations, convs that
+    override forward, layer scale or q/k norm in a transformer block) are left alone, and their
+    children are still visited.
     """
     replaced: Dict[str, nn.Module] = {}
 

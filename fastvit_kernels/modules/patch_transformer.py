@@ -1,0 +1,135 @@
+"""A pre-norm transformer block over image-ordered tokens, attention grouped by patch offset.
+
+The same parameters and state_dict keys as timm's ``vision_transformer.Block`` (``norm1``,
+``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``), but the tokens stay in image order
+``[B, H, W, C]``: LayerNorm, the Linears and the MLP are per token, so only attention needs to know
+which tokens form a sequence, and ``patch_attention`` reads that from the layout. Equivalent PyTorch,
+with ``unfold``/``fold`` as in timm's ``MobileVitBlock``::
+
+    x = x + attn.proj(fold(Attention_core(unfold(attn.qkv(norm1(x))))))
+    x = x + mlp.fc2(act(mlp.fc1(norm2(x))))
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..ops.patch_attention import patch_attention
+from .conv_bn_act import Unsupported
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth: zero a sample's residual branch with probability ``p``, rescale the rest.
+
+    Same as timm's ``DropPath`` (one Bernoulli draw per sample, scaled by ``1 / (1 - p)``).
+    """
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep.div_(1.0 - p)
+
+
+def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class PatchAttention(nn.Module):
+    """timm ``Attention`` (``qkv``, ``proj`` keys) on ``[B, H, W, C]`` tokens, within patch offsets."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_drop: float = 0.0,
+                 patch_size: Union[int, Sequence[int]] = 1, device=None, dtype=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"PatchAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.patch_size = _pair(patch_size)
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, device=device, dtype=dtype)
+        self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = patch_attention(self.qkv(x), self.num_heads, self.patch_size, self.scale)
+        return self.proj_drop(self.proj(out))
+
+
+class Mlp(nn.Module):
+    """timm ``Mlp`` (``fc1``, ``fc2`` keys): Linear -> act -> dropout -> Linear -> dropout."""
+
+    def __init__(self, dim: int, hidden: int, act_layer: Type[nn.Module] = nn.GELU, drop: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class PatchTransformerBlock(nn.Module):
+    """Pre-norm transformer block on image-ordered tokens (see the module docstring).
+
+    Constructor arguments follow timm's ``Block`` plus ``patch_size``; attention dropout is not
+    supported by the fused attention kernels (``attn_drop`` must be 0).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 act_layer: Type[nn.Module] = nn.GELU, norm_layer: Type[nn.Module] = nn.LayerNorm,
+                 patch_size: Union[int, Sequence[int]] = 1, device=None, dtype=None):
+        super().__init__()
+        if attn_drop:
+            raise ValueError(f"PatchTransformerBlock: attn_drop={attn_drop} is not supported (the fused "
+                             f"attention has no dropout on the attention map); supported: 0")
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = PatchAttention(dim, num_heads, qkv_bias, proj_drop, patch_size, **dd)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer, proj_drop, **dd)
+        self.drop_path = drop_path
+
+    @classmethod
+    def from_module(cls, block: nn.Module, patch_size: Union[int, Sequence[int]]) -> "PatchTransformerBlock":
+        """The equivalent of a timm ``vision_transformer.Block``, sharing its parameters.
+
+        Raises :class:`Unsupported` for what the fused path does not compute: layer scale,
+        q/k norm, attention dropout, masks of other attention flavours.
+        """
+        attn, mlp = block.attn, block.mlp
+        for name in ("ls1", "ls2"):
+            if not isinstance(getattr(block, name, nn.Identity()), nn.Identity):
+                raise Unsupported(f"Block.{name} (layer scale) is not supported")
+        for name in ("q_norm", "k_norm", "norm"):
+            if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity):
+                raise Unsupported(f"Attention.{name} is not supported")
+        if getattr(attn, "attn_drop", nn.Dropout(0.0)).p:
+            raise Unsupported(f"attention dropout p={attn.attn_drop.p} is not supported")
+        if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+            raise Unsupported("Mlp.norm is not supported")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.norm1 = block.norm1  # registration order = state_dict order: as timm's
+        fused.attn = PatchAttention.__new__(PatchAttention)
+        nn.Module.__init__(fused.attn)
+        fused.attn.num_heads, fused.attn.patch_size = attn.num_heads, _pair(patch_size)
+        fused.attn.scale = float(attn.scale)
+        fused.attn.qkv, fused.attn.proj, fused.attn.proj_drop = attn.qkv, attn.proj, attn.proj_drop
+        fused.norm2 = block.norm2
+        fused.mlp = Mlp.__new__(Mlp)
+        nn.Module.__init__(fused.mlp)
+        for name in ("fc1", "act", "drop1", "fc2", "drop2"):
+            setattr(fused.mlp, name, getattr(mlp, name))
+        fused.drop_path = float(getattr(block.drop_path1, "drop_prob", 0.0))
+        return fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``[B, H, W, C]`` tokens in image order, H and W multiples of the patch size."""
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
