@@ -18,7 +18,6 @@ from fastvit_kernels.bench.environment import available_cpu_threads
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = os.environ.get("FASTVIT_BENCH_QUICK", "0") == "1"
-WARMUP, ROUNDS = runner.QUICK_SETTINGS if QUICK else runner.FULL_SETTINGS
 BACKENDS, BACKENDS_LEFT_OUT = runner.default_backends(DEVICE)
 
 
@@ -26,18 +25,28 @@ def benchmark_params(op):
     """(case, dtype, variant) triples for ``pytest.mark.parametrize``, case-major so that each case is
     prepared (inputs generated, torch.compile run) once, and ids that name them."""
     entry = REGISTRY[op]
-    params = [(case, dtype, impl) for case in entry.cases(QUICK) for dtype in runner.default_dtypes(DEVICE)
-              for impl in runner.variant_names(entry, BACKENDS)]
+    params = [(case, dtype, impl) for case in entry.cases(QUICK, DEVICE)
+              for dtype in runner.default_dtypes(DEVICE) for impl in runner.variant_names(entry, BACKENDS)]
     ids = [f"{case.label.replace(' ', '-')}-{dtype}-{impl}" for case, dtype, impl in params]
     return params, ids
 
 
 def pytest_generate_tests(metafunc):
-    """A ``bench/bench_<op>.py`` names its op in ``OP`` and takes ``case, dtype, impl``: parametrized here."""
+    """A ``bench/bench_<op>.py`` names its op in ``OP`` and takes ``case, dtype, impl``, or names several
+    in ``OPS`` and also takes ``op``: parametrized here."""
+    names = set(metafunc.fixturenames)
     op = getattr(metafunc.module, "OP", None)
-    if op is not None and {"case", "dtype", "impl"} <= set(metafunc.fixturenames):
+    ops = getattr(metafunc.module, "OPS", None)
+    if op is not None and {"case", "dtype", "impl"} <= names:
         params, ids = benchmark_params(op)
         metafunc.parametrize("case,dtype,impl", params, ids=ids)
+    elif ops is not None and {"op", "case", "dtype", "impl"} <= names:
+        params, ids = [], []
+        for name in ops:
+            op_params, op_ids = benchmark_params(name)
+            params += [(name, *p) for p in op_params]
+            ids += [f"{name}-{i}" for i in op_ids]
+        metafunc.parametrize("op,case,dtype,impl", params, ids=ids)
 
 
 def pytest_configure(config):
@@ -90,8 +99,9 @@ def bench_variant(benchmark, prepared_case):
             if DEVICE.type == "cuda":
                 torch.cuda.synchronize()
 
+        warmup, rounds = runner.settings_for(REGISTRY[op], QUICK)
         with torch.inference_mode(), variant.context():
-            benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+            benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
 
         stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
         if stats is not None:
@@ -102,5 +112,7 @@ def bench_variant(benchmark, prepared_case):
                 benchmark.extra_info["GB/s"] = min_bytes / seconds / 1e9
             if flops:
                 benchmark.extra_info["GFLOP/s"] = flops / seconds / 1e9
+            if "batch" in case.params:
+                benchmark.extra_info["images/s"] = case.params["batch"] / seconds
 
     return run

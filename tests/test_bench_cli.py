@@ -1,13 +1,15 @@
 """The benchmark CLI: a quick run on the CPU writes checked results, bad arguments fail cleanly."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from fastvit_kernels import backends
-from fastvit_kernels.bench import plot_speedups, runner
+from fastvit_kernels.bench import REGISTRY, plot_speedups, report, runner
 from fastvit_kernels.bench.__main__ import main
+from fastvit_kernels.bench.cases import UnfoldAttentionFold, model_case, timm_fold, timm_unfold
 
 TIMES = ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms")
 THROUGHPUTS = ("speedup_vs_eager", "speedup_vs_compile", "gbps", "gflops")
@@ -109,3 +111,120 @@ def test_bad_arguments_give_a_message_and_nonzero_exit(argv, mentions, tmp_path,
     assert "error:" in err and mentions in err, err
     assert "Traceback" not in err
     assert not list(tmp_path.iterdir()), "nothing is written for bad arguments"
+
+
+# --------------------------------------------------------------------------------------------------
+# patch_attention and the whole-model entries.
+# --------------------------------------------------------------------------------------------------
+
+MODELS = ("mobilevit_xxs", "mobilevit_xs", "mobilevit_s")
+
+
+def test_quick_run_has_patch_attention_and_no_models(quick_run):
+    _, _, out = quick_run
+    assert len(list(out.glob("patch_attention_cpu_*.json"))) == 1
+    assert not list(out.glob("mobilevit*")), "whole models are not part of --quick unless named"
+
+
+def test_patch_attention_quick_rows_positive_and_within_tolerance(quick_run):
+    (json_path,) = quick_run[2].glob("patch_attention_cpu_*.json")
+    result = json.loads(json_path.read_text())
+    rows = result["rows"]
+    assert {r["case"] for r in rows} == {"S 1x32x32x144 h4 p2x2"}
+    impls = {r["impl"] for r in rows}
+    fused = {f"fused-{b}" for b in result["benchmarked_backends"]}
+    assert {"eager", "sdpa+unfold"} | fused <= impls
+    for r in rows:
+        where = f"{r['case']} {r['impl']}"
+        for key in TIMES + THROUGHPUTS + ("images_per_s",):
+            if key == "speedup_vs_compile" and r[key] is None:
+                continue
+            assert r[key] is not None and r[key] > 0, f"{where}: {key} = {r[key]}"
+        assert r["max_abs_error"] is not None and r["max_abs_error"] <= r["tolerance"], where
+        assert r["passed"], where
+        # qkv read + out written; 4 * B * P * heads * N^2 * head_dim
+        assert r["min_bytes"] == (1 * 32 * 32 * 144 * 4) * 4
+        assert r["flops"] == 4 * 1 * 4 * 4 * 256 ** 2 * 36
+        assert math.isclose(r["images_per_s"], 1e3 / r["median_ms"])
+
+
+def test_patch_attention_cases_per_device():
+    entry = REGISTRY["patch_attention"]
+    (quick,) = entry.cases(True, torch.device("cpu"))
+    assert quick.params["batch"] == 1 and quick.params["channels"] == 144 and quick.params["height"] == 32
+    cpu, cuda = entry.cases(False, torch.device("cpu")), entry.cases(False, torch.device("cuda"))
+    assert len(cpu) == 9 * 2 and {c.params["batch"] for c in cpu} == {1, 8}
+    assert len(cuda) == 9 * 4 and {c.params["batch"] for c in cuda} == {1, 8, 64, 256}
+    assert len({c.label for c in cuda}) == len(cuda)
+
+
+def test_patch_attention_eager_unfolds_as_timm_and_matches_the_op():
+    torch.manual_seed(0)
+    B, H, W, C, heads, (ph, pw) = 2, 8, 6, 12, 3, (2, 2)
+    x = torch.randn(B, H, W, C, dtype=torch.float64)
+    # timm MobileVitBlock.forward's unfold, on the NCHW map.
+    nchw, nh, nw, P, N = x.permute(0, 3, 1, 2).contiguous(), H // ph, W // pw, ph * pw, (H // ph) * (W // pw)
+    t = nchw.reshape(B * C * nh, ph, nw, pw).transpose(1, 2)
+    timm_tokens = t.reshape(B, C, N, P).transpose(1, 3).reshape(B * P, N, -1)
+    assert torch.equal(timm_unfold(x, (ph, pw)), timm_tokens)
+    assert torch.equal(timm_fold(timm_tokens, (B, H, W), (ph, pw)), x)
+
+    qkv = torch.randn(B, H, W, 3 * C, dtype=torch.float64)
+    # The op's docstring equivalent.
+    d = C // heads
+    q, k, v = qkv.reshape(B, nh, ph, nw, pw, 3, heads, d).permute(5, 0, 2, 4, 6, 1, 3, 7).reshape(
+        3, B * P, heads, N, d)
+    o = torch.softmax(d ** -0.5 * q @ k.transpose(-1, -2), dim=-1) @ v
+    expected = o.reshape(B, ph, pw, heads, nh, nw, d).permute(0, 4, 1, 5, 2, 3, 6).reshape(B, H, W, C)
+    for sdpa in (False, True):
+        out = UnfoldAttentionFold(heads, (ph, pw), d ** -0.5, sdpa=sdpa)(qkv)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_model_entries_are_named_and_left_out_of_quick():
+    for name in MODELS:
+        entry = REGISTRY[name]
+        assert not entry.in_quick_run
+        (cpu_case,) = entry.cases(False, torch.device("cpu"))
+        assert cpu_case.params == {"model": name, "batch": 8, "input_size": [3, 256, 256]}
+        assert [c.params["batch"] for c in entry.cases(False, torch.device("cuda"))] == [8, 64, 256]
+        assert entry.min_bytes(cpu_case, 4) is None and entry.flops(cpu_case) is None
+        # Fewer calls than an op, unless asked for.
+        assert runner.settings_for(entry, quick=False) == (1, 5)
+        assert runner.settings_for(entry, quick=False, warmup=2, repeats=7) == (2, 7)
+    assert runner.settings_for(REGISTRY["patch_attention"], quick=False) == runner.FULL_SETTINGS
+
+
+def test_model_fused_matches_timm_through_the_runner():
+    """mobilevit_xxs at batch 1, 64x64 (cheap): timm eager vs create_model with its weights, checked
+    against float64 by the runner, then one timed call per variant for the row's images/s."""
+    entry = REGISTRY["mobilevit_xxs"]
+    case = model_case("mobilevit_xxs", 1, (3, 64, 64))
+    torch.manual_seed(0)
+    module = entry.build_module(case)
+    bn = module.stem.bn
+    assert not torch.equal(bn.running_var, torch.ones_like(bn.running_var)), "BN stats are randomized"
+    names, _ = runner.default_backends(torch.device("cpu"))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        prepared = runner.prepare_case(entry, case, torch.float32, torch.device("cpu"), names, use_compile=False)
+    assert not prepared.skipped, prepared.skipped
+    assert prepared.errors["eager"] < 1e-5
+    for name in names:
+        assert prepared.errors[f"fused-{name}"] <= prepared.tolerance, (name, prepared.errors)
+    prepared.inputs = prepared.inputs[:2]
+    rows = runner.make_rows(prepared, runner.time_variants(prepared, warmup=1, repeats=1))
+    assert {r["impl"] for r in rows} == {"eager"} | {f"fused-{n}" for n in names}
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["gbps"] is None and r["passed"]
+    assert "img/s" in report.format_table(rows)
+
+
+def test_unknown_name_lists_the_available_ops_and_models(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--op", "mobilevit_xxl", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "mobilevit_xxl" in err and "Traceback" not in err
+    for name in ("dwconv_bn_act", "patch_attention") + MODELS:
+        assert name in err, err

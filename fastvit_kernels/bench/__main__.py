@@ -1,8 +1,11 @@
-"""``python -m fastvit_kernels.bench`` / ``fastvit-bench``: time the fused ops against eager PyTorch.
+"""``python -m fastvit_kernels.bench`` / ``fastvit-bench``: time the fused ops and models against eager
+PyTorch.
 
-With no arguments: every registered op, on CUDA if there is a GPU (float16, bfloat16, float32) else
-on the CPU (float32), every backend that loaded and serves the device. Prints a progress line per case
-to stderr and a table at the end, writes ``<out>/<op>_<device>_<date>.json`` and a PNG plot next to it.
+With no arguments: every registered op and model, on CUDA if there is a GPU (float16, bfloat16,
+float32) else on the CPU (float32), every backend that loaded and serves the device. ``--op NAME ...``
+picks entries by name (ops and models alike, e.g. ``--op patch_attention mobilevit_s``); ``--quick``
+without ``--op`` leaves the whole models out. Prints a progress line per case to stderr and a table at
+the end, writes ``<out>/<op>_<device>_<date>.json`` and a PNG plot next to it.
 
 ``--replot results.json`` redraws the plot of stored results without running anything.
 
@@ -43,9 +46,12 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Benchmark fastvit_kernels' fused ops against eager PyTorch and torch.compile.")
-    parser.add_argument("--op", nargs="+", choices=sorted(REGISTRY), metavar="OP",
-                        help=f"ops to benchmark (default: all: {', '.join(sorted(REGISTRY))})")
+        prog=PROG, description="Benchmark fastvit_kernels' fused ops and models against eager PyTorch and "
+                                 "torch.compile.")
+    quick_names = [name for name in sorted(REGISTRY) if REGISTRY[name].in_quick_run]
+    parser.add_argument("--op", nargs="+", choices=sorted(REGISTRY), metavar="NAME",
+                        help=f"ops or models to benchmark, of {', '.join(sorted(REGISTRY))} (default: all; "
+                             f"with --quick: {', '.join(quick_names)})")
     parser.add_argument("--backend", nargs="+", choices=backends.BACKENDS, metavar="NAME",
                         help=f"fused backends to time, of {', '.join(backends.BACKENDS)} (default: every "
                              "backend that loaded and serves the device)")
@@ -54,16 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="default: cuda if a GPU is visible, else cpu")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer cases (one memory layout) and repeats: a smoke run of under a minute")
+                        help="fewer cases and repeats, and no whole models unless named with --op: a smoke "
+                             "run of about a minute")
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
                         help="directory for the JSON results and the plot (default: bench/results)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
     parser.add_argument("--repeats", type=_positive_int,
                         help=f"timed repeats per variant (default: {FULL_SETTINGS[1]}, "
-                             f"{QUICK_SETTINGS[1]} with --quick); the median is reported")
+                             f"{QUICK_SETTINGS[1]} with --quick, fewer for whole models); the median is "
+                             "reported")
     parser.add_argument("--warmup", type=_positive_int,
                         help=f"untimed calls per variant first (default: {FULL_SETTINGS[0]}, "
-                             f"{QUICK_SETTINGS[0]} with --quick)")
+                             f"{QUICK_SETTINGS[0]} with --quick, fewer for whole models)")
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="only redraw the plot of a stored results JSON, then exit")
     return parser
@@ -104,7 +112,7 @@ def _progress(text: str) -> None:
 def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, repeats: int):
     """Prepare, check and time every case x dtype of ``op``; returns (rows, skipped)."""
     benchmark = REGISTRY[op]
-    jobs = [(case, dtype) for case in benchmark.cases(quick) for dtype in dtypes]
+    jobs = [(case, dtype) for case in benchmark.cases(quick, device) for dtype in dtypes]
     rows, skipped = [], []
     for i, (case, dtype) in enumerate(jobs, 1):
         head = f"[{i}/{len(jobs)}] {op} {case.label} {dtype}"
@@ -202,9 +210,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = _resolve_device(parser, args)
     dtypes = list(dict.fromkeys(args.dtype or runner.default_dtypes(device)))
     backend_names, left_out = _resolve_backends(parser, args, device)
-    ops = list(dict.fromkeys(args.op or sorted(REGISTRY)))
-    default_warmup, default_repeats = QUICK_SETTINGS if args.quick else FULL_SETTINGS
-    warmup, repeats = args.warmup or default_warmup, args.repeats or default_repeats
+    ops = list(dict.fromkeys(args.op or [name for name in sorted(REGISTRY)
+                                         if REGISTRY[name].in_quick_run or not args.quick]))
 
     if device.type == "cpu":
         torch.set_num_threads(environment.available_cpu_threads())
@@ -214,9 +221,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Seeded for repeatable inputs, without changing the RNG state of a caller running main() in-process.
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        settings = {"quick": args.quick, "dtypes": dtypes, "warmup": warmup, "repeats": repeats}
-        fused_failures = sum(_benchmark_op(op, device, backend_names, left_out, settings, args.out,
-                                           not args.no_plot, argv) for op in ops)
+        fused_failures = 0
+        for op in ops:
+            warmup, repeats = runner.settings_for(REGISTRY[op], args.quick, args.warmup, args.repeats)
+            settings = {"quick": args.quick, "dtypes": dtypes, "warmup": warmup, "repeats": repeats}
+            fused_failures += _benchmark_op(op, device, backend_names, left_out, settings, args.out,
+                                            not args.no_plot, argv)
     return 1 if fused_failures else 0
 
 

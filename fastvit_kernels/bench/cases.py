@@ -1,4 +1,4 @@
-"""What is benchmarked: a registry of ops (later: models), each with its cases.
+"""What is benchmarked: a registry of ops and whole models, each with its cases.
 
 An entry says how to build the eager module a user has today, its inputs, its fused replacement and
 the minimum work (bytes, FLOPs) of one case. The runner does the rest the same way for every entry
@@ -43,17 +43,26 @@ class Benchmark:
     flops(case): useful floating-point operations of one call, for GFLOP/s; None when unknown.
     baselines: extra eager variants worth comparing, name -> (module -> callable), built once per
         case outside the timed region.
+    in_quick_run: False leaves the entry out of a ``--quick`` run that names no ``--op`` (whole
+        models: seconds per call and minutes of ``torch.compile``); naming it still runs it.
+    warmup, repeats: at most this many untimed / timed calls per variant unless the command line
+        says otherwise (None: the runner's default); for entries whose calls take seconds.
+
+    A case whose params have ``batch`` also gets images/s (batch / median time) in its rows.
     """
 
     name: str
     summary: str
-    cases: Callable[[bool], List[Case]]  # quick -> cases
+    cases: Callable[[bool, torch.device], List[Case]]  # (quick, device) -> cases
     build_module: Callable[[Case], nn.Module]
     make_input: Callable[[Case, torch.dtype, torch.device], Tensor]
     fuse: Callable[[nn.Module], nn.Module]
     min_bytes: Callable[[Case, int], Optional[int]]
     flops: Callable[[Case], Optional[int]]
     baselines: Mapping[str, Callable[[nn.Module], Callable[[Tensor], Tensor]]] = field(default_factory=dict)
+    in_quick_run: bool = True
+    warmup: Optional[int] = None
+    repeats: Optional[int] = None
 
 
 REGISTRY: Dict[str, Benchmark] = {}
@@ -78,7 +87,7 @@ DWCONV_STRIDES = (1, 2)
 DWCONV_LAYOUTS = ("channels_last", "nchw")
 
 
-def _dwconv_cases(quick: bool) -> List[Case]:
+def _dwconv_cases(quick: bool, device: Optional[torch.device] = None) -> List[Case]:
     # Quick keeps every shape and stride but one layout: channels_last, the layout the fused kernel
     # is meant for (MobileViT keeps tokens channels-last).
     layouts = DWCONV_LAYOUTS[:1] if quick else DWCONV_LAYOUTS
@@ -158,3 +167,205 @@ register(Benchmark(
     flops=_dwconv_flops,
     baselines={"eager-folded": _folded_eager},
 ))
+
+
+# --------------------------------------------------------------------------------------------------
+# patch_attention: MobileViT's attention over patch-offset sequences. Eager is what timm's
+# MobileVitBlock does around its Attention: unfold the tokens into [B*P, N, C] sequences, attention
+# (timm's non-fused path: matmul, softmax, matmul), fold back to image order.
+# --------------------------------------------------------------------------------------------------
+
+PATCH = (2, 2)
+ATTENTION_HEADS = 4
+# MobileViT at 256x256 input: (map side, transformer dim) of the blocks ending stages 3, 4 and 5.
+PATCH_ATTENTION_SHAPES = {
+    "S": ((32, 144), (16, 192), (8, 240)),
+    "XS": ((32, 96), (16, 120), (8, 144)),
+    "XXS": ((32, 64), (16, 80), (8, 96)),
+}
+PATCH_ATTENTION_BATCHES = {"cpu": (1, 8), "cuda": (1, 8, 64, 256)}
+
+
+def _batches(table: Mapping[str, tuple], device: Optional[torch.device]) -> tuple:
+    return table["cuda" if device is not None and torch.device(device).type == "cuda" else "cpu"]
+
+
+def _patch_attention_cases(quick: bool, device: Optional[torch.device] = None) -> List[Case]:
+    cases = []
+    for batch in _batches(PATCH_ATTENTION_BATCHES, device):
+        for variant, shapes in PATCH_ATTENTION_SHAPES.items():
+            for side, channels in shapes:
+                params = {"model": f"mobilevit_{variant.lower()}", "batch": batch, "height": side,
+                          "width": side, "channels": channels, "num_heads": ATTENTION_HEADS,
+                          "patch_size": list(PATCH)}
+                label = f"{variant} {batch}x{side}x{side}x{channels} h{ATTENTION_HEADS} p{PATCH[0]}x{PATCH[1]}"
+                cases.append(Case("patch_attention", label, params))
+    # Quick: MobileViT-S's first (largest) attention at batch 1.
+    return cases[:1] if quick else cases
+
+
+def timm_unfold(t: Tensor, patch_size) -> Tensor:
+    """Tokens in image order ``[B, H, W, X]`` -> ``[B * ph * pw, N, X]`` in the order of timm's
+    ``MobileVitBlock`` unfold (sequence ``b * P + py * pw + px``, token ``(y // ph) * (W // pw) +
+    x // pw``). timm does it on NCHW in two copies; from channels-last it takes one."""
+    B, H, W, X = t.shape
+    ph, pw = patch_size
+    t = t.reshape(B, H // ph, ph, W // pw, pw, X).permute(0, 2, 4, 1, 3, 5)
+    return t.reshape(B * ph * pw, (H // ph) * (W // pw), X)
+
+
+def timm_fold(s: Tensor, image_shape, patch_size) -> Tensor:
+    """The inverse of :func:`timm_unfold` (timm's fold, into image order): ``[B*P, N, X]`` ->
+    ``[B, H, W, X]``, one copy."""
+    B, H, W = image_shape
+    ph, pw = patch_size
+    s = s.reshape(B, ph, pw, H // ph, W // pw, s.shape[-1]).permute(0, 3, 1, 4, 2, 5)
+    return s.reshape(B, H, W, s.shape[-1])
+
+
+class UnfoldAttentionFold(nn.Module):
+    """Eager: timm's unfold, the core of timm's ``Attention`` (its non-fused path, or
+    ``F.scaled_dot_product_attention`` with ``sdpa=True``), timm's fold. ``qkv [B, H, W, 3*C]`` ->
+    ``[B, H, W, C]``."""
+
+    def __init__(self, num_heads: int, patch_size=PATCH, scale: Optional[float] = None, sdpa: bool = False):
+        super().__init__()
+        self.num_heads, self.patch_size, self.scale, self.sdpa = num_heads, tuple(patch_size), scale, sdpa
+
+    def forward(self, qkv: Tensor) -> Tensor:
+        B, H, W, C3 = qkv.shape
+        x = timm_unfold(qkv, self.patch_size)  # [B*P, N, 3*C]
+        S, N, _ = x.shape
+        head_dim = C3 // (3 * self.num_heads)
+        scale = head_dim ** -0.5 if self.scale is None else self.scale
+        q, k, v = x.reshape(S, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.sdpa:
+            o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        else:  # timm Attention.forward with fused_attn False
+            attn = (q * scale) @ k.transpose(-2, -1)
+            o = attn.softmax(dim=-1) @ v
+        o = o.transpose(1, 2).reshape(S, N, C3 // 3)  # timm's head merge, before proj
+        return timm_fold(o, (B, H, W), self.patch_size)
+
+
+class FusedPatchAttention(nn.Module):
+    """Ours: ``fastvit_kernels.patch_attention`` on the image-ordered qkv, no unfold or fold copy."""
+
+    def __init__(self, num_heads: int, patch_size=PATCH, scale: Optional[float] = None):
+        super().__init__()
+        self.num_heads, self.patch_size, self.scale = num_heads, tuple(patch_size), scale
+
+    @classmethod
+    def from_module(cls, module: UnfoldAttentionFold) -> "FusedPatchAttention":
+        return cls(module.num_heads, module.patch_size, module.scale)
+
+    def forward(self, qkv: Tensor) -> Tensor:
+        return fastvit_kernels.patch_attention(qkv, self.num_heads, self.patch_size, self.scale)
+
+
+def _patch_attention_module(case: Case) -> nn.Module:
+    p = case.params
+    head_dim = p["channels"] // p["num_heads"]
+    return UnfoldAttentionFold(p["num_heads"], p["patch_size"], head_dim ** -0.5).eval()
+
+
+def _patch_attention_input(case: Case, dtype: torch.dtype, device: torch.device) -> Tensor:
+    p = case.params
+    return torch.randn(p["batch"], p["height"], p["width"], 3 * p["channels"], device=device).to(dtype)
+
+
+def _patch_attention_min_bytes(case: Case, itemsize: int) -> int:
+    p = case.params
+    tokens = p["batch"] * p["height"] * p["width"]
+    return (tokens * 3 * p["channels"] + tokens * p["channels"]) * itemsize  # qkv read, out written
+
+
+def _patch_attention_flops(case: Case) -> int:
+    p = case.params
+    ph, pw = p["patch_size"]
+    sequences, tokens = ph * pw, p["height"] * p["width"] // (ph * pw)
+    head_dim = p["channels"] // p["num_heads"]
+    # QK^T and PV: N * N * head_dim multiply-adds each, per sequence and head; softmax not counted.
+    return 4 * p["batch"] * sequences * p["num_heads"] * tokens * tokens * head_dim
+
+
+def _sdpa_unfold(module: UnfoldAttentionFold) -> Callable[[Tensor], Tensor]:
+    """The same unfold and fold around ``F.scaled_dot_product_attention`` (timm's default path)."""
+    return UnfoldAttentionFold(module.num_heads, module.patch_size, module.scale, sdpa=True)
+
+
+register(Benchmark(
+    name="patch_attention",
+    summary="MobileViT patch-grouped attention: qkv [B, H, W, 3C] image order -> [B, H, W, C], patch 2x2, "
+            "4 heads; eager = timm's unfold -> attention -> fold",
+    cases=_patch_attention_cases,
+    build_module=_patch_attention_module,
+    make_input=_patch_attention_input,
+    fuse=FusedPatchAttention.from_module,
+    min_bytes=_patch_attention_min_bytes,
+    flops=_patch_attention_flops,
+    baselines={"sdpa+unfold": _sdpa_unfold},
+))
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole models: timm's model (eager) against ``fastvit_kernels.models.create_model`` of the same name
+# with the same weights. A new model is one more row of MODEL_BENCHMARKS.
+# --------------------------------------------------------------------------------------------------
+
+# name -> (input [C, H, W], summary)
+MODEL_BENCHMARKS = {
+    "mobilevit_xxs": ((3, 256, 256), "MobileViT-XXS classifier, timm vs fastvit_kernels.models"),
+    "mobilevit_xs": ((3, 256, 256), "MobileViT-XS classifier, timm vs fastvit_kernels.models"),
+    "mobilevit_s": ((3, 256, 256), "MobileViT-S classifier, timm vs fastvit_kernels.models"),
+}
+# The README's CPU goal is measured at batch 8 (2 threads).
+MODEL_BATCHES = {"cpu": (8,), "cuda": (8, 64, 256)}
+# A CPU call of a whole model takes up to a second: few calls per variant.
+MODEL_WARMUP, MODEL_REPEATS = 1, 5
+
+
+def model_case(name: str, batch: int, input_size) -> Case:
+    C, H, W = input_size
+    return Case(name, f"{batch}x{C}x{H}x{W}", {"model": name, "batch": batch, "input_size": list(input_size)})
+
+
+def randomize_batchnorm_stats(model: nn.Module) -> nn.Module:
+    """Random BatchNorm running statistics, so that folding them is not an identity (the init's 0/1
+    would hide a wrong fold)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _model_benchmark(name: str, input_size, summary: str) -> Benchmark:
+    def cases(quick: bool, device: Optional[torch.device] = None) -> List[Case]:
+        batches = _batches(MODEL_BATCHES, device)
+        return [model_case(name, batch, input_size) for batch in (batches[:1] if quick else batches)]
+
+    def build_module(case: Case) -> nn.Module:
+        import timm  # the baseline users run; only needed for the model benchmarks
+
+        return randomize_batchnorm_stats(timm.create_model(name)).eval()
+
+    def make_input(case: Case, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.randn(case.params["batch"], *case.params["input_size"], device=device).to(dtype)
+
+    def fuse(module: nn.Module) -> nn.Module:
+        from fastvit_kernels.models import create_model
+
+        model = create_model(name)
+        model.load_state_dict(module.state_dict())
+        reference = next(module.parameters())
+        return model.to(device=reference.device, dtype=reference.dtype).eval()
+
+    return Benchmark(name=name, summary=summary, cases=cases, build_module=build_module, make_input=make_input,
+                     fuse=fuse, min_bytes=lambda case, itemsize: None, flops=lambda case: None,
+                     in_quick_run=False, warmup=MODEL_WARMUP, repeats=MODEL_REPEATS)
+
+
+for _name, (_input_size, _summary) in MODEL_BENCHMARKS.items():
+    register(_model_benchmark(_name, _input_size, _summary))

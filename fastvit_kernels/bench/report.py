@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-COLUMNS = ("case", "dtype", "impl", "median ms", "IQR ms", "vs eager", "vs compile", "GB/s", "GFLOP/s",
-           "% peak BW", "max err", "tol", "ok")
+COLUMNS = ("case", "dtype", "impl", "median ms", "IQR ms", "vs eager", "vs compile", "img/s", "GB/s",
+           "GFLOP/s", "% peak BW", "max err", "tol", "ok")
+# Columns shown only when some row has a value: (column, row key).
+OPTIONAL_COLUMNS = (("img/s", "images_per_s"), ("% peak BW", "peak_memory_pct"))
 
 
 def _number(value: Optional[float], fmt: str) -> str:
@@ -21,7 +23,8 @@ def _speedup(value: Optional[float]) -> str:
 def _cells(row: dict) -> List[str]:
     return [row["case"], row["dtype"], row["impl"], f"{row['median_ms']:.3f}",
             f"{row['q1_ms']:.3f}-{row['q3_ms']:.3f}", _speedup(row["speedup_vs_eager"]),
-            _speedup(row["speedup_vs_compile"]), _number(row["gbps"], ".1f"), _number(row["gflops"], ".1f"),
+            _speedup(row["speedup_vs_compile"]), _number(row.get("images_per_s"), ".1f"),
+            _number(row["gbps"], ".1f"), _number(row["gflops"], ".1f"),
             _number(row["peak_memory_pct"], ".0f"),
             "non-finite" if row["max_abs_error"] is None else f"{row['max_abs_error']:.1e}",
             f"{row['tolerance']:.1e}", "pass" if row["passed"] else "FAIL"]
@@ -29,9 +32,9 @@ def _cells(row: dict) -> List[str]:
 
 def format_table(rows: Sequence[dict], skipped: Sequence[dict] = ()) -> str:
     """A fixed-width text table, one block per (case, dtype), then what was skipped and why."""
-    show_peak = any(r["peak_memory_pct"] is not None for r in rows)
-    columns = [c for c in COLUMNS if show_peak or c != "% peak BW"]
-    table = [[c for c, name in zip(_cells(r), COLUMNS) if show_peak or name != "% peak BW"] for r in rows]
+    hidden = {column for column, key in OPTIONAL_COLUMNS if all(r.get(key) is None for r in rows)}
+    columns = [c for c in COLUMNS if c not in hidden]
+    table = [[c for c, name in zip(_cells(r), COLUMNS) if name not in hidden] for r in rows]
     widths = [max([len(col)] + [len(cells[i]) for cells in table]) for i, col in enumerate(columns)]
     text_columns = 3  # case, dtype, impl: left-aligned; numbers right-aligned
 

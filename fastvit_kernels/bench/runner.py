@@ -41,6 +41,18 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 FULL_SETTINGS, QUICK_SETTINGS = (3, 20), (1, 5)
 
 
+def settings_for(benchmark: Benchmark, quick: bool, warmup: Optional[int] = None,
+                 repeats: Optional[int] = None) -> Tuple[int, int]:
+    """(warm-up calls, timed repeats) for ``benchmark``: the values asked for, else the default of the
+    run (full or quick), lowered to the entry's own ``warmup`` / ``repeats`` hint when it has one."""
+    default_warmup, default_repeats = QUICK_SETTINGS if quick else FULL_SETTINGS
+    if benchmark.warmup is not None:
+        default_warmup = min(default_warmup, benchmark.warmup)
+    if benchmark.repeats is not None:
+        default_repeats = min(default_repeats, benchmark.repeats)
+    return warmup or default_warmup, repeats or default_repeats
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -220,6 +232,7 @@ def make_rows(prepared: PreparedCase, timings: Dict[str, Timing]) -> List[dict]:
             "min_bytes": min_bytes, "flops": flops,
             "gbps": gbps,
             "gflops": flops / seconds / 1e9 if flops else None,
+            "images_per_s": case.params["batch"] / seconds if "batch" in case.params else None,
             "peak_memory_pct": 100 * gbps / peak_gbps if gbps and peak_gbps else None,
             # JSON has no infinity: a non-finite or misshapen output is stored as null and fails.
             "max_abs_error": error if math.isfinite(error) else None, "tolerance": prepared.tolerance,
