@@ -34,6 +34,7 @@ LONG_SHAPES = [
     (1, 64, 32, 1, 48, (2, 2)),  # 512 tokens
     (2, 32, 32, 1, 20, (1, 1)),  # 1024 tokens
     (1, 1, 1030, 2, 24, (1, 1)),  # 1030 tokens: not a multiple of any block
+    (64, 8, 8, 4, 24, (2, 2)),  # a large batch (4096 sequences x heads of 16 tokens)
 ]
 LAYOUTS = ("contiguous", "sliced", "offset", "spatial", "channels_first")
 
