@@ -24,6 +24,20 @@ void patch_attention_cpu(const at::Tensor& qkv, int64_t num_heads, int64_t ph, i
 void patch_attention_cuda(const at::Tensor& qkv, int64_t num_heads, int64_t ph, int64_t pw, double scale,
                           const at::Tensor& out);
 #endif
+void xca_attention_cpu(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& temperature, double eps,
+                       const at::Tensor& out);
+#ifdef WITH_CUDA
+void xca_attention_cuda(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& temperature, double eps,
+                        const at::Tensor& out);
+#endif
+void bias_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
+                        int64_t res_h, int64_t res_w, int64_t stride, double scale, int64_t act,
+                        const at::Tensor& out);
+#ifdef WITH_CUDA
+void bias_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
+                         int64_t res_h, int64_t res_w, int64_t stride, double scale, int64_t act,
+                         const at::Tensor& out);
+#endif
 
 namespace {
 
@@ -139,6 +153,126 @@ void patch_attention_out_cuda(const at::Tensor& qkv, int64_t num_heads, int64_t 
 }
 #endif
 
+// ---- xca_attention ------------------------------------------------------------------------------
+
+void check_xca_attention(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& temperature, double eps,
+                         const at::Tensor& out) {
+  constexpr const char* op = "xca_attention_out";
+  TORCH_CHECK(temperature.device() == qkv.device() && out.device() == qkv.device(), op,
+              ": all tensors must be on one device, got qkv on ", qkv.device(), ", temperature on ",
+              temperature.device(), ", out on ", out.device());
+  const auto dt = qkv.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op,
+              ": qkv must be float32, float16, bfloat16 or float64, got ", dt);
+  TORCH_CHECK(out.scalar_type() == dt, op, ": out must have qkv's dtype ", dt, ", got ", out.scalar_type());
+  const auto acc_dt = dt == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(temperature.scalar_type() == acc_dt, op, ": temperature must be ", acc_dt, " for qkv of dtype ",
+              dt, ", got ", temperature.scalar_type());
+  TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be 3-D [B, N, 3*C], got shape ", qkv.sizes());
+  TORCH_CHECK(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads);
+  const int64_t B = qkv.size(0), N = qkv.size(1), C3 = qkv.size(2);
+  TORCH_CHECK(C3 > 0 && C3 % (3 * num_heads) == 0, op,
+              ": the last dim of qkv must be a positive multiple of 3 * num_heads = ", 3 * num_heads,
+              " (laid out (3, num_heads, head_dim)), got ", C3);
+  TORCH_CHECK(temperature.dim() == 1 && temperature.size(0) == num_heads && temperature.is_contiguous(), op,
+              ": temperature must be a contiguous [num_heads] = [", num_heads, "] tensor, got shape ",
+              temperature.sizes(), " and strides ", temperature.strides());
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == N && out.size(2) == C3 / 3, op,
+              ": out must have shape [", B, ", ", N, ", ", C3 / 3, "] for qkv of shape ", qkv.sizes(), ", got ",
+              out.sizes());
+  // Every element of out is written once, from values of qkv: out may not overlap itself or qkv.
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+              ": out must not have overlapping elements, got strides ", out.strides());
+  for (const at::Tensor* t : {&qkv, &temperature}) {
+    const auto overlap = at::get_overlap_status(out, *t);
+    TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+                ": out must not share memory with qkv or temperature (in-place is not supported)");
+  }
+}
+
+void xca_attention_out_cpu(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& temperature, double eps,
+                           const at::Tensor& out) {
+  check_xca_attention(qkv, num_heads, temperature, eps, out);
+  xca_attention_cpu(qkv, num_heads, temperature, eps, out);
+}
+
+#ifdef WITH_CUDA
+void xca_attention_out_cuda(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& temperature, double eps,
+                            const at::Tensor& out) {
+  check_xca_attention(qkv, num_heads, temperature, eps, out);
+  xca_attention_cuda(qkv, num_heads, temperature, eps, out);
+}
+#endif
+
+// ---- bias_attention -----------------------------------------------------------------------------
+
+void check_bias_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
+                          int64_t res_h, int64_t res_w, int64_t stride, double scale, int64_t act,
+                          const at::Tensor& out) {
+  constexpr const char* op = "bias_attention_out";
+  for (const at::Tensor* t : {&k, &v, &table, &out}) {
+    TORCH_CHECK(t->device() == q.device(), op, ": all tensors must be on one device, got q on ", q.device(),
+                ", k on ", k.device(), ", v on ", v.device(), ", table on ", table.device(), ", out on ",
+                out.device());
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op,
+              ": q must be float32, float16, bfloat16 or float64, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": k and v must have q's dtype ", dt,
+              ", got ", k.scalar_type(), " and ", v.scalar_type());
+  TORCH_CHECK(table.scalar_type() == dt || table.scalar_type() == at::kFloat, op,
+              ": table must be float32 or q's dtype ", dt, ", got ", table.scalar_type());
+  TORCH_CHECK(out.scalar_type() == dt, op, ": out must have q's dtype ", dt, ", got ", out.scalar_type());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+              ": q, k, v must be 4-D [B, heads, N, d], got shapes ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const int64_t B = q.size(0), heads = q.size(1), Nq = q.size(2), dk = q.size(3), Nk = k.size(2), dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == heads && k.size(3) == dk, op, ": k must have shape [", B, ", ",
+              heads, ", Nk, ", dk, "] for q of shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.size(0) == B && v.size(1) == heads && v.size(2) == Nk, op, ": v must have shape [", B, ", ",
+              heads, ", ", Nk, ", dv] for k of shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(dk >= 1 && dv >= 1, op, ": head dims must be >= 1, got dk = ", dk, ", dv = ", dv);
+  TORCH_CHECK(res_h >= 1 && res_w >= 1 && stride >= 1, op, ": resolution (", res_h, ", ", res_w,
+              ") and stride ", stride, " must be positive");
+  TORCH_CHECK(Nk == res_h * res_w, op, ": k has ", Nk, " tokens, expected resolution ", res_h, "x", res_w,
+              " = ", res_h * res_w);
+  const int64_t nq_expected = ((res_h + stride - 1) / stride) * ((res_w + stride - 1) / stride);
+  TORCH_CHECK(Nq == nq_expected, op, ": q has ", Nq, " tokens, expected ", nq_expected, " for resolution ", res_h,
+              "x", res_w, " and stride ", stride);
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == heads && table.size(1) == Nk, op,
+              ": table must have shape [", heads, ", ", Nk, "], got ", table.sizes());
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(act == 0 || act == 1, op, ": act must be 0 (none) or 1 (hardswish), got ", act);
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == Nq && out.size(2) == heads * dv, op,
+              ": out must have shape [", B, ", ", Nq, ", ", heads * dv, "], got ", out.sizes());
+  // Every element of out is written once, from values of the inputs: out may not overlap itself or them.
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+              ": out must not have overlapping elements, got strides ", out.strides());
+  const char* names[] = {"q", "k", "v", "table"};
+  const at::Tensor* inputs[] = {&q, &k, &v, &table};
+  for (int n = 0; n < 4; ++n) {
+    const auto overlap = at::get_overlap_status(out, *inputs[n]);
+    TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+                ": out must not share memory with ", names[n], " (in-place is not supported)");
+  }
+}
+
+void bias_attention_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
+                            int64_t res_h, int64_t res_w, int64_t stride, double scale, int64_t act,
+                            const at::Tensor& out) {
+  check_bias_attention(q, k, v, table, res_h, res_w, stride, scale, act, out);
+  bias_attention_cpu(q, k, v, table, res_h, res_w, stride, scale, act, out);
+}
+
+#ifdef WITH_CUDA
+void bias_attention_out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& table, int64_t res_h, int64_t res_w, int64_t stride, double scale,
+                             int64_t act, const at::Tensor& out) {
+  check_bias_attention(q, k, v, table, res_h, res_w, stride, scale, act, out);
+  bias_attention_cuda(q, k, v, table, res_h, res_w, stride, scale, act, out);
+}
+#endif
+
 }  // namespace
 }  // namespace fastvit_kernels
 
@@ -150,17 +284,31 @@ TORCH_LIBRARY(fastvit_kernels_C, m) {
   // Writes patch-grouped multi-head attention of qkv [B, H, W, 3*C] (image order; last dim
   // (3, heads, d)) into out [B, H, W, C]: sequence (h % ph, w % pw) of each image, scores scaled by scale.
   m.def("patch_attention_out(Tensor qkv, int num_heads, int ph, int pw, float scale, Tensor(a!) out) -> ()");
+  // Writes cross-covariance attention (XCiT / EdgeNeXt) of qkv [B, N, 3*C] (last dim (3, heads, d)) into
+  // out [B, N, C]: per head, softmax(temperature[h] * normalize(q) normalize(k)^T) over channels, times v.
+  m.def(
+      "xca_attention_out(Tensor qkv, int num_heads, Tensor temperature, float eps, Tensor(a!) out) -> ()");
+  // Writes LeViT attention act(softmax(scale q k^T + table[h, |dy| * res_w + |dx|]) v) into out
+  // [B, Nq, heads * dv]; q [B, heads, Nq, dk] on the res_h x res_w key grid subsampled by stride,
+  // k [B, heads, Nk, dk], v [B, heads, Nk, dv], table [heads, Nk]; act 0 = none, 1 = hardswish.
+  m.def(
+      "bias_attention_out(Tensor q, Tensor k, Tensor v, Tensor table, int res_h, int res_w, int stride, "
+      "float scale, int act, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastvit_kernels_C, CPU, m) {
   m.impl("dwconv_bn_act_out", &fastvit_kernels::dwconv_bn_act_out_cpu);
   m.impl("patch_attention_out", &fastvit_kernels::patch_attention_out_cpu);
+  m.impl("xca_attention_out", &fastvit_kernels::xca_attention_out_cpu);
+  m.impl("bias_attention_out", &fastvit_kernels::bias_attention_out_cpu);
 }
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(fastvit_kernels_C, CUDA, m) {
   m.impl("dwconv_bn_act_out", &fastvit_kernels::dwconv_bn_act_out_cuda);
   m.impl("patch_attention_out", &fastvit_kernels::patch_attention_out_cuda);
+  m.impl("xca_attention_out", &fastvit_kernels::xca_attention_out_cuda);
+  m.impl("bias_attention_out", &fastvit_kernels::bias_attention_out_cuda);
 }
 #endif
 

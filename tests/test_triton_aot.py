@@ -6,12 +6,14 @@ launch arguments from its own ``kernel_args``. Each is compiled twice: as ``trit
 for a dense tensor whose sizes are multiples of 16 (unit strides become constants, everything is
 16-divisible: the widest vector loads), and with no specialization at all (arbitrary strided views).
 Real inputs get a mix of the two: some strides constant or 16-divisible, others not. Kernels that opt
-out of JIT specialization (patch_attention: its launcher states alignment through a constexpr) are
-compiled once per config.
+out of JIT specialization (patch_attention, xca_attention, bias_attention: their launchers state alignment through a
+constexpr) are compiled once per config.
 
 Select with ``pytest -k triton_aot``. dwconv_bn_act: 280 compiles, about 70 CPU-seconds with a cold
 Triton cache (45-50 s on an otherwise idle 2-core machine); patch_attention: 64 compiles, about
-45 CPU-seconds (25-30 s). A few seconds with a warm cache.
+45 CPU-seconds (25-30 s); xca_attention: 140 compiles, about 120 CPU-seconds (100-110 s on a
+loaded 2-core machine); bias_attention: 192 compiles, about 220 CPU-seconds. A few seconds with a
+warm cache.
 """
 import pytest
 import torch
@@ -19,8 +21,10 @@ import torch
 pytest.importorskip("triton")
 
 from fastvit_kernels.triton import aot  # noqa: E402
+from fastvit_kernels.triton import bias_attention as ba  # noqa: E402
 from fastvit_kernels.triton import dwconv_bn_act as dw  # noqa: E402
 from fastvit_kernels.triton import patch_attention as pa  # noqa: E402
+from fastvit_kernels.triton import xca_attention as xa  # noqa: E402
 
 
 def _dwconv_example_args(dtype, channels_last: bool, kernel_size: int) -> tuple:
@@ -113,3 +117,87 @@ def test_triton_aot_patch_attention_enumeration_covers_launches(dtype):
             for vec in pa.VECS:
                 cfg = pa.launch_config(qkv, heads, patch, vec)
                 assert (dtype, cfg.constexprs, cfg.num_warps, cfg.num_stages) in known, (qkv.shape, heads, vec)
+
+
+def _xca_attention_example_args(dtype, d_pad: int) -> tuple:
+    """Launch arguments for a dense qkv, head_dim = the padded width (with no JIT specialization, the
+    values only fix the integer types)."""
+    b, n, heads = 2, 1024, 4
+    qkv = torch.empty(b, n, 3 * heads * d_pad, dtype=dtype)
+    out = torch.empty(b, n, heads * d_pad, dtype=dtype)
+    temperature = torch.empty(heads)
+    ws = torch.empty(b * heads * 4 * (d_pad * d_pad + 2 * d_pad))
+    return xa.kernel_args(qkv, heads, temperature, 1e-12, out, ws, 256, 4)
+
+
+def _xca_attention_jobs():
+    # Like patch_attention, the kernel opts out of all JIT specialization: one compile per config.
+    kernel = xa._xca_attention_kernel
+    for cfg in xa.all_kernel_configs():
+        example = _xca_attention_example_args(cfg.dtype, cfg.constexprs["D_PAD"])
+        signature, constexprs, attrs = aot.specialize(kernel, example, cfg.constexprs)
+        assert not attrs and constexprs == cfg.constexprs, "the kernel must not be specialized by the JIT"
+        for arch in aot.ARCHS:
+            yield aot.AotJob(aot.kernel_name(kernel), signature, constexprs, attrs, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages, arch=arch)
+
+
+def test_triton_aot_xca_attention_every_config_compiles_without_spills():
+    assert_compile_without_spills(_xca_attention_jobs(), ["D_PAD", "BLOCK_N", "VEC", "STATS", "APPLY"], "qkv_ptr")
+
+
+@pytest.mark.parametrize("dtype", xa.DTYPES)
+def test_triton_aot_xca_attention_enumeration_covers_launches(dtype):
+    """Whatever launch_config picks is in all_kernel_configs, so the AOT test above compiled it."""
+    known = [(c.dtype, c.constexprs, c.num_warps, c.num_stages) for c in xa.all_kernel_configs()]
+    for batch, n_tokens in [(1, 1), (1, 64), (8, 1024), (1, 576), (64, 4096), (2, 4096), (1, 2304)]:
+        for heads, head_dim in [(8, 12), (4, 20), (8, 38), (8, 48), (4, 6), (8, 64), (8, 73), (1, 128)]:
+            qkv = torch.empty(batch, n_tokens, 3 * heads * head_dim, dtype=dtype, device="meta")
+            for vec in xa.VECS:
+                for n_sms in (1, 132):
+                    cfg = xa.launch_config(qkv, heads, vec, n_sms)
+                    for constexprs in cfg.constexprs:
+                        assert (dtype, constexprs, cfg.num_warps, cfg.num_stages) in known, (qkv.shape, heads, vec)
+
+
+def _bias_attention_example_args(dtype, dk_pad: int, dv_pad: int) -> tuple:
+    """Launch arguments for LeViT-like views (14x14 keys, stride 2) with head dims = the padded widths
+    (with no JIT specialization, the values only fix the integer types)."""
+    b, heads, res, stride = 2, 4, (14, 14), 2
+    kv = torch.empty(b, 196, heads, dk_pad + dv_pad, dtype=dtype)
+    k, v = (t.permute(0, 2, 1, 3) for t in kv.split([dk_pad, dv_pad], dim=3))
+    q = torch.empty(b, 49, heads, dk_pad, dtype=dtype).permute(0, 2, 1, 3)
+    out = torch.empty(b, 49, heads * dv_pad, dtype=dtype)
+    return ba.kernel_args(q, k, v, torch.empty(heads, 196), res, stride, dk_pad ** -0.5, out)
+
+
+def _bias_attention_jobs():
+    # As patch_attention: no JIT specialization (VEC states alignment), one compiled kernel per config.
+    kernel = ba._bias_attention_fwd_kernel
+    for cfg in ba.all_kernel_configs():
+        example = _bias_attention_example_args(cfg.dtype, cfg.constexprs["DK_PAD"], cfg.constexprs["DV_PAD"])
+        signature, constexprs, attrs = aot.specialize(kernel, example, cfg.constexprs)
+        assert not attrs and constexprs == cfg.constexprs, "the kernel must not be specialized by the JIT"
+        for arch in aot.ARCHS:
+            yield aot.AotJob(aot.kernel_name(kernel), signature, constexprs, attrs, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages, arch=arch)
+
+
+def test_triton_aot_bias_attention_every_config_compiles_without_spills():
+    assert_compile_without_spills(_bias_attention_jobs(),
+                                  ["DK_PAD", "DV_PAD", "BLOCK_M", "BLOCK_N", "VEC", "HARDSWISH"], "q_ptr")
+
+
+@pytest.mark.parametrize("dtype", ba.DTYPES)
+def test_triton_aot_bias_attention_enumeration_covers_launches(dtype):
+    """Whatever launch_config picks is in all_kernel_configs, so the AOT test above compiled it."""
+    known = [(c.dtype, c.constexprs, c.num_warps, c.num_stages) for c in ba.all_kernel_configs()]
+    for heads, n_q in [(4, 196), (8, 49), (16, 16), (1, 1), (12, 784)]:
+        for dk, dv in [(16, 32), (16, 64), (32, 64), (32, 128), (64, 128), (64, 64), (16, 16), (8, 8), (12, 20),
+                       (64, 32), (1, 1), (40, 100)]:
+            q = torch.empty(2, heads, n_q, dk, dtype=dtype, device="meta")
+            v = torch.empty(2, heads, 196, dv, dtype=dtype, device="meta")
+            for vec in ba.VECS:
+                for act in (ba.ACT_NONE, ba.ACT_HARDSWISH):
+                    cfg = ba.launch_config(q, v, act, vec)
+                    assert (dtype, cfg.constexprs, cfg.num_warps, cfg.num_stages) in known, (q.shape, dv, vec, act)

@@ -2,13 +2,15 @@
 
 import importlib
 
+from .bias_attention import bias_attention
 from .dwconv_bn_act import dwconv_bn_act
 from .patch_attention import patch_attention
+from .xca_attention import xca_attention
 
-__all__ = ["dwconv_bn_act", "patch_attention", "implementations"]
+__all__ = ["bias_attention", "dwconv_bn_act", "patch_attention", "xca_attention", "implementations"]
 
 
 def implementations() -> dict:
     """``{op name: backend names it implements}``, from each op module's ``IMPLEMENTATIONS`` table."""
     return {name: tuple(impl.backend for impl in importlib.import_module(f"{__name__}.{name}").IMPLEMENTATIONS)
-            for name in ("dwconv_bn_act", "patch_attention")}
+            for name in ("dwconv_bn_act", "patch_attention", "xca_attention", "bias_attention")}
