@@ -26,6 +26,7 @@ def test_info_lists_versions_and_every_backend():
     assert re.search(r"^\s*reference: available$", out, re.M)
     assert re.search(r"^\s*dwconv_bn_act: triton, cuda, cpu, reference$", out, re.M), out
     assert re.search(r"^\s*patch_attention: triton, cuda, cpu, reference$", out, re.M), out
+    assert re.search(r"^\s*bias_attention: triton, cuda, cpu, reference$", out, re.M), out
 
 
 def test_cpu_extension_is_built_by_the_install():

@@ -1,0 +1,290 @@
+// CPU kernels for bias_attention: loops (at::parallel_for) around the math in ../bias_attention.h.
+// Arguments are validated once, in ../ops.cpp, before bias_attention_cpu is called.
+//
+// A parallel task is a range of work items (image, head, block of kQueryBlock queries). For each
+// (image, head) it meets, a task gathers that head's keys and values once into acc_t buffers: K
+// transposed [dk, Np] and V [Np, dvp], zero-padded to multiples of kPad keys / channels; and the
+// head's bias table "mirrored" [R_h, 2 R_w - 1], row dy holding table[h, dy * R_w + |t|] for
+// t = -(R_w - 1) .. R_w - 1. A query at (qy, qx) sees the keys of grid row ky with the biases
+// mirrored[|qy - ky|][R_w - 1 - qx + kx], kx = 0 .. R_w - 1: a contiguous run, so each query's bias
+// row is R_h copies, not Nk gathers. Then, per tile of kRows query rows (the tile's queries gathered
+// into [kRows, dk]):
+//   1. S[kRows, Np] is filled with the bias rows (-inf for the padded keys, which then drop out of
+//      the softmax), and score_tile adds scale * Q K^T in register tiles of kRows x kCols vectors of
+//      keys: each K vector load feeds kRows multiply-adds, each query broadcast kCols, which is what
+//      makes this compute-bound instead of bound by loads (a per-row loop does one load per
+//      multiply-add). Each dot product is summed over channels in ascending order from zero, as
+//      bias_attention_dot does;
+//   2. per row, the softmax as one block of the header's online softmax: the row max, weights
+//      p_j = fast_exp(s_j - max), their sum (max and sum per vector lane, then across lanes);
+//   3. out[kRows, dv] = act(P V / sum) in register tiles of kRows x kCols vectors of channels
+//      (value_tile), the activation at the store.
+// Queries whose channels are not contiguous (q channel stride != 1, e.g. timm's use_conv layout) take
+// the CUDA kernel's per-row function, bias_attention_row, instead: that keeps the CUDA math under the
+// CPU tests.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../bias_attention.h"
+
+namespace fastvit_kernels {
+namespace {
+
+// Queries per work item: enough work per item (kQueryBlock * Nk * (dk + dv) multiply-adds) to amortize
+// the gather of K and V for a task that starts on a new (image, head), and small enough that LeViT's
+// 196-query heads still split across threads.
+constexpr int64_t kQueryBlock = 36;
+// Register tile: kRows query rows x kCols vectors of keys (or channels), the shape of the usual AVX2
+// GEMM micro-kernel. A vector is 32 bytes (8 floats, 4 doubles: one AVX2 register); 6 x 2
+// accumulators + 2 loads + 1 broadcast fill 15 of the 16 vector registers, and each step of the
+// reduction makes 12 multiply-adds from 8 loads (2 vectors + 6 broadcasts): bound by the FMA units,
+// not by the load ports (one vector x 8 rows: 8 multiply-adds from 9 loads). A width that is an odd
+// number of vectors ends with one 6 x 1 tile. Explicit vector types because g++ vectorizes the naive
+// loops along the wrong axis.
+constexpr int64_t kRows = 6;
+constexpr int kCols = 2;
+constexpr int64_t kPad = 8;  // keys and channels are padded to a multiple of this (of every vector width)
+static_assert(kQueryBlock % kRows == 0, "a query block is whole tiles");
+
+template <typename acc_t>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename acc_t>
+using vec_t = typename Vec<acc_t>::type;
+template <typename acc_t>
+constexpr int64_t kLanes = sizeof(vec_t<acc_t>) / sizeof(acc_t);
+
+template <typename acc_t>
+inline vec_t<acc_t> load_vec(const acc_t* p) {
+  vec_t<acc_t> v;
+  std::memcpy(&v, p, sizeof v);  // an unaligned vector load
+  return v;
+}
+template <typename acc_t>
+inline void store_vec(acc_t* p, vec_t<acc_t> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The hot loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and for baseline x86-64; the dynamic
+// loader picks one by the CPU's features (GCC function multiversioning), as in patch_attention.cpp.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FVK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FVK_CPU_CLONES
+#endif
+
+// The tiles' inner loops, inlined into the multiversioned functions below (an always_inline callee
+// takes its caller's target, so it is compiled for AVX2 in the x86-64-v3 clone).
+#define FVK_INLINE inline __attribute__((always_inline))
+
+// s[r, j0 + j] += scale * sum_e q[r, e] kt[e, j0 + j] for the NV vectors of keys from j0.
+template <int NV, typename acc_t>
+FVK_INLINE void score_block(const acc_t* __restrict q, const acc_t* __restrict kt, int64_t Np, int64_t dk,
+                            acc_t scale, acc_t* __restrict s, int64_t j0) {
+  using V = vec_t<acc_t>;
+  constexpr int64_t L = kLanes<acc_t>;
+  V c[kRows][NV] = {};
+  for (int64_t e = 0; e < dk; ++e) {
+    V k[NV];
+#pragma GCC unroll 2
+    for (int n = 0; n < NV; ++n) k[n] = load_vec(kt + e * Np + j0 + n * L);
+#pragma GCC unroll 6
+    for (int64_t r = 0; r < kRows; ++r) {
+      const acc_t qe = q[r * dk + e];
+#pragma GCC unroll 2
+      for (int n = 0; n < NV; ++n) c[r][n] += qe * k[n];
+    }
+  }
+#pragma GCC unroll 6
+  for (int64_t r = 0; r < kRows; ++r)
+#pragma GCC unroll 2
+    for (int n = 0; n < NV; ++n) {
+      acc_t* p = s + r * Np + j0 + n * L;
+      store_vec(p, c[r][n] * scale + load_vec(p));
+    }
+}
+
+// o[r, e0 + e] = inv_sum[r] * sum_j s[r, j] v[j, e0 + e] for the NV vectors of channels from e0.
+template <int NV, typename acc_t>
+FVK_INLINE void value_block(const acc_t* __restrict s, const acc_t* __restrict v, const acc_t* __restrict inv_sum,
+                            int64_t Np, int64_t dvp, acc_t* __restrict o, int64_t e0) {
+  using V = vec_t<acc_t>;
+  constexpr int64_t L = kLanes<acc_t>;
+  V c[kRows][NV] = {};
+  for (int64_t j = 0; j < Np; ++j) {
+    V vv[NV];
+#pragma GCC unroll 2
+    for (int n = 0; n < NV; ++n) vv[n] = load_vec(v + j * dvp + e0 + n * L);
+#pragma GCC unroll 6
+    for (int64_t r = 0; r < kRows; ++r) {
+      const acc_t p = s[r * Np + j];
+#pragma GCC unroll 2
+      for (int n = 0; n < NV; ++n) c[r][n] += p * vv[n];
+    }
+  }
+#pragma GCC unroll 6
+  for (int64_t r = 0; r < kRows; ++r)
+#pragma GCC unroll 2
+    for (int n = 0; n < NV; ++n) store_vec(o + r * dvp + e0 + n * L, c[r][n] * inv_sum[r]);
+}
+
+// Steps 1-2 of the file comment for one tile. On entry s[r, j] holds the bias of query r and key j
+// (-inf past the last key); on return, the unnormalised softmax weights, and inv_sum[r] = 1 / sum_j.
+template <typename acc_t>
+FVK_CPU_CLONES void score_tile(const acc_t* __restrict q,   // [kRows, dk] the tile's queries
+                               const acc_t* __restrict kt,  // [dk, Np] keys, transposed, zero-padded
+                               int64_t Np, int64_t dk, acc_t scale,
+                               acc_t* __restrict s,         // [kRows, Np] in: bias; out: weights
+                               acc_t* __restrict inv_sum) { // [kRows] out
+  using V = vec_t<acc_t>;
+  constexpr int64_t L = kLanes<acc_t>;
+  int64_t j0 = 0;
+  for (; j0 + kCols * L <= Np; j0 += kCols * L) score_block<kCols>(q, kt, Np, dk, scale, s, j0);
+  if (j0 < Np) score_block<1>(q, kt, Np, dk, scale, s, j0);
+  // Softmax per row over whole vectors; max and sum are kept per lane (no serial dependence from one
+  // key to the next) and reduced across lanes at the end. Padded keys (-inf) get weight 0.
+  for (int64_t r = 0; r < kRows; ++r) {
+    acc_t* __restrict row = s + r * Np;
+    V vmax = load_vec(row);
+    for (int64_t j = L; j < Np; j += L) {
+      const V x = load_vec(row + j);
+      vmax = x > vmax ? x : vmax;  // a NaN score is skipped here and poisons the row below
+    }
+    acc_t mx = vmax[0];
+    for (int64_t l = 1; l < L; ++l) mx = vmax[l] > mx ? vmax[l] : mx;
+    for (int64_t j = 0; j < Np; ++j) row[j] = fast_exp(row[j] - mx);
+    V vsum = {};
+    for (int64_t j = 0; j < Np; j += L) vsum += load_vec(row + j);
+    acc_t sum = acc_t(0);
+    for (int64_t l = 0; l < L; ++l) sum += vsum[l];
+    inv_sum[r] = acc_t(1) / sum;  // sum >= 1: the max key contributes exp(0)
+  }
+}
+
+// Step 3 for one tile, before the activation: o[r, e] = inv_sum[r] * sum_j s[r, j] v[j, e].
+template <typename acc_t>
+FVK_CPU_CLONES void value_tile(const acc_t* __restrict s,   // [kRows, Np] weights from score_tile
+                               const acc_t* __restrict v,   // [Np, dvp] values, zero-padded
+                               const acc_t* __restrict inv_sum, int64_t Np, int64_t dvp,
+                               acc_t* __restrict o) {       // [kRows, dvp] out
+  constexpr int64_t L = kLanes<acc_t>;
+  int64_t e0 = 0;
+  for (; e0 + kCols * L <= dvp; e0 += kCols * L) value_block<kCols>(s, v, inv_sum, Np, dvp, o, e0);
+  if (e0 < dvp) value_block<1>(s, v, inv_sum, Np, dvp, o, e0);
+}
+
+template <typename scalar_t, typename table_t>
+void bias_attention_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const table_t* table,
+                           scalar_t* out, const BiasAttentionGeometry& g, double scale_d) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr int kChunk = bias_attention_chunk<acc_t>();
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const int64_t dk = g.dk, dv = g.dv, Nk = g.Nk, R_h = g.R_h, R_w = g.R_w, W2 = 2 * R_w - 1;
+  const int64_t Np = round_up(Nk, kPad), dvp = round_up(dv, kPad);
+  const int64_t q_blocks = (g.Nq + kQueryBlock - 1) / kQueryBlock;
+  const int64_t items = g.B * g.heads * q_blocks;
+  const bool per_row = g.q_c != 1;
+  // Grain: about 2^18 multiply-adds of work per chunk before OpenMP's fork/join pays off.
+  const int64_t work_per_item = std::max<int64_t>(1, std::min(g.Nq, kQueryBlock) * Nk * (dk + dv));
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work_per_item);
+
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> kt(per_row ? 0 : dk * Np, acc_t(0)), vb(per_row ? 0 : Np * dvp, acc_t(0)),
+        mirrored(per_row ? 0 : R_h * W2), qt(kRows * dk), s(kRows * Np), inv_sum(kRows), o(kRows * dvp);
+    int64_t packed = -1;  // (image, head) index held in kt, vb and mirrored
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t qb = item % q_blocks;
+      const int64_t bh = item / q_blocks;  // image * heads + head
+      const int64_t h = bh % g.heads, b = bh / g.heads;
+      const int64_t i_begin = qb * kQueryBlock, i_end = std::min(g.Nq, i_begin + kQueryBlock);
+      if (per_row) {  // the CUDA kernel's per-row path (see the file comment)
+        for (int64_t i = i_begin; i < i_end; ++i)
+          for (int64_t e0 = 0; e0 < dv; e0 += kChunk)
+            bias_attention_row<kChunk, acc_t>(q, k, v, table, out, g, b, h, i, e0, scale);
+        continue;
+      }
+      if (bh != packed) {
+        const scalar_t* k_head = k + b * g.k_b + h * g.k_h;
+        const scalar_t* v_head = v + b * g.v_b + h * g.v_h;
+        for (int64_t j = 0; j < Nk; ++j) {
+          for (int64_t e = 0; e < dk; ++e) kt[e * Np + j] = static_cast<acc_t>(k_head[j * g.k_n + e * g.k_c]);
+          for (int64_t e = 0; e < dv; ++e) vb[j * dvp + e] = static_cast<acc_t>(v_head[j * g.v_n + e * g.v_c]);
+        }
+        const table_t* t_head = table + h * g.t_h;
+        for (int64_t dy = 0; dy < R_h; ++dy)  // |qy - ky| = dy and qx - kx = -t: bias_attention_index
+          for (int64_t t = -(R_w - 1); t < R_w; ++t)
+            mirrored[dy * W2 + (R_w - 1) + t] = static_cast<acc_t>(t_head[(dy * R_w + (t < 0 ? -t : t)) * g.t_n]);
+        packed = bh;
+      }
+      const scalar_t* q_head = q + b * g.q_b + h * g.q_h;
+      for (int64_t i0 = i_begin; i0 < i_end; i0 += kRows) {
+        const int64_t rows = std::min(kRows, i_end - i0);
+        for (int64_t r = 0; r < kRows; ++r) {  // rows past the end repeat the last query, unstored
+          const int64_t i = i0 + std::min(r, rows - 1);
+          const scalar_t* q_row = q_head + i * g.q_n;
+          for (int64_t e = 0; e < dk; ++e) qt[r * dk + e] = static_cast<acc_t>(q_row[e]);
+          int64_t qy, qx;
+          bias_attention_query_position(i, g.nqw, g.stride, qy, qx);
+          acc_t* s_row = s.data() + r * Np;
+          for (int64_t ky = 0; ky < R_h; ++ky) {
+            const acc_t* run = mirrored.data() + (qy > ky ? qy - ky : ky - qy) * W2 + (R_w - 1) - qx;
+            std::copy(run, run + R_w, s_row + ky * R_w);
+          }
+          std::fill(s_row + Nk, s_row + Np, acc_t(-INFINITY));
+        }
+        score_tile(qt.data(), kt.data(), Np, dk, scale, s.data(), inv_sum.data());
+        value_tile(s.data(), vb.data(), inv_sum.data(), Np, dvp, o.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          scalar_t* o_row = out + b * g.o_b + (i0 + r) * g.o_n + h * dv * g.o_c;
+          for (int64_t e = 0; e < dv; ++e)
+            o_row[e * g.o_c] = static_cast<scalar_t>(bias_attention_activation(o[r * dvp + e], g.act));
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void bias_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
+                        int64_t res_h, int64_t res_w, int64_t stride, double scale, int64_t act,
+                        const at::Tensor& out) {
+  if (out.numel() == 0) return;
+  BiasAttentionGeometry g;
+  g.B = q.size(0), g.heads = q.size(1), g.Nq = q.size(2), g.Nk = k.size(2), g.dk = q.size(3), g.dv = v.size(3);
+  g.R_h = res_h, g.R_w = res_w, g.stride = stride, g.nqw = (res_w + stride - 1) / stride;
+  g.q_b = q.stride(0), g.q_h = q.stride(1), g.q_n = q.stride(2), g.q_c = q.stride(3);
+  g.k_b = k.stride(0), g.k_h = k.stride(1), g.k_n = k.stride(2), g.k_c = k.stride(3);
+  g.v_b = v.stride(0), g.v_h = v.stride(1), g.v_n = v.stride(2), g.v_c = v.stride(3);
+  g.t_h = table.stride(0), g.t_n = table.stride(1);
+  g.o_b = out.stride(0), g.o_n = out.stride(1), g.o_c = out.stride(2);
+  g.act = act;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "bias_attention_cpu", [&] {
+    // The table is float32 (a model's parameters kept in fp32 next to 16-bit activations) or q's dtype.
+    if (table.scalar_type() == at::kFloat) {
+      bias_attention_kernel<scalar_t, float>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                             v.const_data_ptr<scalar_t>(), table.const_data_ptr<float>(),
+                                             out.mutable_data_ptr<scalar_t>(), g, scale);
+    } else {
+      bias_attention_kernel<scalar_t, scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                                v.const_data_ptr<scalar_t>(), table.const_data_ptr<scalar_t>(),
+                                                out.mutable_data_ptr<scalar_t>(), g, scale);
+    }
+  });
+}
+
+}  // namespace fastvit_kernels
