@@ -11,17 +11,24 @@ from typing import Callable, Dict, List, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from . import cvnets, mobilevit
+from . import cvnets, edgenext, levit, mobilevit
 
 # name -> builder(**kwargs); one row per model.
 MODELS: Dict[str, Callable[..., nn.Module]] = {
-    name: (lambda config: lambda **kwargs: mobilevit.MobileViT(config, **kwargs))(config)
-    for name, config in mobilevit.CONFIGS.items()
+    **{name: (lambda config: lambda **kwargs: mobilevit.MobileViT(config, **kwargs))(config)
+       for name, config in mobilevit.CONFIGS.items()},
+    **{name: (lambda config: lambda **kwargs: edgenext.EdgeNeXt(config, **kwargs))(config)
+       for name, config in edgenext.CONFIGS.items()},
+    **{name: (lambda config: lambda **kwargs: levit.Levit(config, **kwargs))(config)
+       for name, config in levit.CONFIGS.items()},
 }
 
-# name -> converter from the original authors' checkpoint keys to ours (applied when detected).
-_CONVERTERS: Dict[str, Callable[[Mapping[str, torch.Tensor]], Dict[str, torch.Tensor]]] = {
-    "mobilevit": cvnets.convert_cvnets_mobilevit,
+# family -> converter (state_dict, model) from the original authors' checkpoint keys to ours, applied
+# when a checkpoint's keys are not already ours.
+_CONVERTERS: Dict[str, Callable[[Mapping[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]] = {
+    "mobilevit": lambda state, model: cvnets.convert_cvnets_mobilevit(state),
+    "edgenext": edgenext.convert_official_edgenext,
+    "levit": levit.convert_official_levit,
 }
 
 
@@ -49,17 +56,19 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
         model.load_state_dict(timm.create_model(name, pretrained=True, **kwargs).state_dict())
     elif checkpoint_path:
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(_to_timm_keys(name, state, set(model.state_dict())))
+        model.load_state_dict(_to_timm_keys(name, state, model))
     return model
 
 
-def _to_timm_keys(name: str, state: Mapping, expected: set) -> Mapping[str, torch.Tensor]:
+def _to_timm_keys(name: str, state: Mapping, model: nn.Module) -> Mapping[str, torch.Tensor]:
+    unwrapped = state
     for wrapper in ("state_dict", "model"):
-        if isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    if set(state) <= expected or name.split("_")[0] not in _CONVERTERS:
-        return state
-    return _CONVERTERS[name.split("_")[0]](state)
+        if isinstance(unwrapped.get(wrapper), Mapping):
+            unwrapped = unwrapped[wrapper]
+    family = name.split("_")[0]
+    if set(unwrapped) <= set(model.state_dict()) or family not in _CONVERTERS:
+        return unwrapped
+    return _CONVERTERS[family](state, model)
 
 
 __all__ = ["MODELS", "create_model", "list_models"]

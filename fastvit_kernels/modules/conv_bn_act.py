@@ -94,7 +94,8 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]
     bias = shift * scale
     if bn.bias is not None:
         bias = bias + bn.bias.to(acc)
-    return conv.weight.to(acc) * scale.view(-1, 1, 1, 1), bias
+    # [out, ...] weights of any rank: conv [out, in, kh, kw] or Linear [out, in]
+    return conv.weight.to(acc) * scale.view(-1, *([1] * (conv.weight.dim() - 1))), bias
 
 
 class BatchNormFold:
