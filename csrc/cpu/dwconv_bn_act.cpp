@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../dwconv_bn_act.h"
+#include "simd.h"
 
 namespace fastvit_kernels {
 namespace {
@@ -35,14 +36,6 @@ struct Dims {
   int K, S;
 };
 
-// Hot loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and for baseline x86-64, and the
-// dynamic loader picks one by the CPU's features (GCC function multiversioning): the wheel runs on
-// any x86-64 and gets 8-wide FMAs where they exist. No -march=native.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FVK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FVK_CPU_CLONES
-#endif
 #if defined(__GNUC__)
 #define FVK_ALWAYS_INLINE inline __attribute__((always_inline))
 #else

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../patch_attention.h"
+#include "simd.h"
 
 namespace fastvit_kernels {
 namespace {
@@ -46,42 +47,6 @@ constexpr int64_t kQueryBlock = 32;
 constexpr int64_t kRows = 8;
 constexpr int64_t kPad = 8;  // keys and channels are padded to a multiple of this (of every vector width)
 static_assert(kQueryBlock % kRows == 0, "a query block is whole tiles");
-
-template <typename acc_t>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-template <typename acc_t>
-using vec_t = typename Vec<acc_t>::type;
-template <typename acc_t>
-constexpr int64_t kLanes = sizeof(vec_t<acc_t>) / sizeof(acc_t);
-
-template <typename acc_t>
-inline vec_t<acc_t> load_vec(const acc_t* p) {
-  vec_t<acc_t> v;
-  std::memcpy(&v, p, sizeof v);  // an unaligned vector load
-  return v;
-}
-template <typename acc_t>
-inline void store_vec(acc_t* p, vec_t<acc_t> v) {
-  std::memcpy(p, &v, sizeof v);
-}
-
-inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-// The hot loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and for baseline x86-64; the dynamic
-// loader picks one by the CPU's features (GCC function multiversioning), as in dwconv_bn_act.cpp.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FVK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FVK_CPU_CLONES
-#endif
 
 // Steps 1-2 of the file comment for one tile: s[r, j] = softmax weights (unnormalised) of query r,
 // inv_sum[r] = 1 / sum_j s[r, j].

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "../xca_attention.h"
+#include "simd.h"
 
 namespace fastvit_kernels {
 namespace {
@@ -44,33 +45,6 @@ struct Geometry {
   int64_t s_b, s_n, s_c;  // qkv strides
   int64_t o_b, o_n, o_c;  // out strides
 };
-
-// A vector is 32 bytes (8 floats, 4 doubles: one AVX2 register).
-template <typename acc_t>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-template <typename acc_t>
-using vec_t = typename Vec<acc_t>::type;
-template <typename acc_t>
-constexpr int64_t kLanes = sizeof(vec_t<acc_t>) / sizeof(acc_t);
-
-template <typename acc_t>
-inline vec_t<acc_t> load_vec(const acc_t* p) {
-  vec_t<acc_t> v;
-  std::memcpy(&v, p, sizeof v);  // an unaligned vector load
-  return v;
-}
-template <typename acc_t>
-inline void store_vec(acc_t* p, vec_t<acc_t> v) {
-  std::memcpy(p, &v, sizeof v);
-}
 
 // Register tile: kRows rows (of G in pass 1, tokens in pass 2) x up to kMaxVecs vectors of columns:
 // 12 accumulators + 3 loads + 1 broadcast fit the 16 AVX2 registers.
@@ -89,16 +63,7 @@ constexpr int64_t kMinChunk = 128;
 // Split tokens when B gives fewer than this many items per thread (load balance).
 constexpr int64_t kItemsPerThread = 4;
 
-inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 inline int64_t cdiv(int64_t n, int64_t m) { return (n + m - 1) / m; }
-
-// The hot loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and for baseline x86-64; the dynamic
-// loader picks one by the CPU's features (GCC function multiversioning), as in dwconv_bn_act.cpp.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FVK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FVK_CPU_CLONES
-#endif
 
 // Pass 1, one register tile: g[i0 + r][j0 + vectors] += sum_n q[n][i0 + r] * k[n][j0 + vectors].
 template <typename acc_t, int NV>
