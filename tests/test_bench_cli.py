@@ -228,3 +228,18 @@ def test_unknown_name_lists_the_available_ops_and_models(tmp_path, capsys):
     assert "mobilevit_xxl" in err and "Traceback" not in err
     for name in ("dwconv_bn_act", "patch_attention") + MODELS:
         assert name in err, err
+
+
+@pytest.mark.parametrize("op", ["xca_attention", "bias_attention"])
+def test_attention_op_entries_check_fused_against_float64(op):
+    """The XCA and LeViT op entries: eager (timm's core) and ours agree within tolerance, checked by
+    the runner on the first case, without compile; left out of --quick."""
+    entry = REGISTRY[op]
+    assert entry.in_quick_run is False
+    (case,) = entry.cases(True, torch.device("cpu"))
+    names, _ = runner.default_backends(torch.device("cpu"))
+    prepared = runner.prepare_case(entry, case, torch.float32, torch.device("cpu"), names, use_compile=False)
+    assert not prepared.skipped, prepared.skipped
+    for name in names:
+        assert prepared.errors[f"fused-{name}"] <= prepared.tolerance, (name, prepared.errors)
+    assert entry.flops(case) > 0 and entry.min_bytes(case, 4) > 0

@@ -8,6 +8,7 @@ op or model is one more ``register(Benchmark(...))``, not a new code path.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional
 
@@ -305,6 +306,173 @@ register(Benchmark(
     min_bytes=_patch_attention_min_bytes,
     flops=_patch_attention_flops,
     baselines={"sdpa+unfold": _sdpa_unfold},
+))
+
+
+# --------------------------------------------------------------------------------------------------
+# xca_attention: XCiT / EdgeNeXt cross-covariance attention on the packed qkv. Eager is the core of
+# timm's CrossCovarianceAttn (normalize, q k^T * temperature, softmax, @ v, head merge).
+# --------------------------------------------------------------------------------------------------
+
+# (name, tokens, channels, heads): EdgeNeXt-S's SDTA blocks at 256x256 and XCiT-T12 at 224x224 (p16).
+XCA_SHAPES = (("EdgeNeXt-S s2", 1024, 96, 8), ("EdgeNeXt-S s3", 256, 160, 8), ("EdgeNeXt-S s4", 64, 304, 8),
+              ("XCiT-T12", 196, 192, 4))
+XCA_BATCHES = {"cpu": (1, 8), "cuda": (1, 8, 64, 256)}
+
+
+def _xca_cases(quick: bool, device: Optional[torch.device] = None) -> List[Case]:
+    cases = [Case("xca_attention", f"{name} {batch}x{tokens}x{channels} h{heads}",
+                  {"batch": batch, "tokens": tokens, "channels": channels, "num_heads": heads})
+             for batch in _batches(XCA_BATCHES, device) for name, tokens, channels, heads in XCA_SHAPES]
+    return cases[:1] if quick else cases
+
+
+class EagerXCA(nn.Module):
+    """The core of timm's ``CrossCovarianceAttn.forward`` on ``qkv [B, N, 3*C]`` -> ``[B, N, C]``."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.empty(num_heads, 1, 1).uniform_(0.5, 2.0))
+
+    def forward(self, qkv: Tensor) -> Tensor:
+        B, N, C3 = qkv.shape
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 4, 1).unbind(0)
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
+        return (attn.softmax(dim=-1) @ v).permute(0, 3, 1, 2).reshape(B, N, C3 // 3)
+
+
+class FusedXCACore(nn.Module):
+    """Ours: ``fastvit_kernels.xca_attention`` with the eager module's temperature."""
+
+    def __init__(self, module: EagerXCA):
+        super().__init__()
+        self.num_heads, self.temperature = module.num_heads, module.temperature
+
+    def forward(self, qkv: Tensor) -> Tensor:
+        return fastvit_kernels.xca_attention(qkv, self.num_heads, self.temperature)
+
+
+def _xca_flops(case: Case) -> int:
+    p = case.params
+    d = p["channels"] // p["num_heads"]
+    return 4 * p["batch"] * p["num_heads"] * p["tokens"] * d * d  # q k^T and attn v multiply-adds
+
+
+register(Benchmark(
+    name="xca_attention",
+    summary="XCA channel attention (EdgeNeXt SDTA, XCiT): qkv [B, N, 3C] -> [B, N, C]; eager = timm's "
+            "CrossCovarianceAttn core",
+    cases=_xca_cases,
+    build_module=lambda case: EagerXCA(case.params["num_heads"]).eval(),
+    make_input=lambda case, dtype, device: torch.randn(
+        case.params["batch"], case.params["tokens"], 3 * case.params["channels"], device=device).to(dtype),
+    fuse=FusedXCACore,
+    min_bytes=lambda case, itemsize: 4 * case.params["batch"] * case.params["tokens"] * case.params["channels"]
+    * itemsize,  # qkv read (3C), out written (C)
+    flops=_xca_flops,
+    in_quick_run=False,
+))
+
+
+# --------------------------------------------------------------------------------------------------
+# bias_attention: LeViT attention with the learned relative-position bias. Eager is the core of
+# timm's levit.Attention in eval (the bias gathered once and cached), Hardswish before proj.
+# --------------------------------------------------------------------------------------------------
+
+# (name, resolution, heads, key_dim, val_dim): stage-1 attention of LeViT-128S and LeViT-256 at 224.
+BIAS_ATTENTION_SHAPES = (("LeViT-128S s1", 14, 4, 16, 32), ("LeViT-256 s1", 14, 4, 32, 64),
+                         ("LeViT-256 s2", 7, 6, 32, 64))
+BIAS_ATTENTION_BATCHES = {"cpu": (1, 8), "cuda": (1, 8, 64, 256)}
+
+
+def _bias_attention_cases(quick: bool, device: Optional[torch.device] = None) -> List[Case]:
+    cases = [Case("bias_attention", f"{name} {batch}x{res * res} h{heads} dk{dk} dv{dv}",
+                  {"batch": batch, "resolution": res, "num_heads": heads, "key_dim": dk, "val_dim": dv})
+             for batch in _batches(BIAS_ATTENTION_BATCHES, device) for name, res, heads, dk, dv in BIAS_ATTENTION_SHAPES]
+    return cases[:1] if quick else cases
+
+
+class EagerLevitAttention(nn.Module):
+    """timm ``levit.Attention`` core on its packed projection ``[B, N, heads * (2 dk + dv)]``:
+    scores + the cached gathered bias, softmax, @ v, head merge, Hardswish."""
+
+    def __init__(self, resolution: int, num_heads: int, key_dim: int, val_dim: int, sdpa: bool = False):
+        super().__init__()
+        self.resolution, self.num_heads, self.key_dim, self.val_dim, self.sdpa = (
+            resolution, num_heads, key_dim, val_dim, sdpa)
+        self.table = nn.Parameter(torch.randn(num_heads, resolution * resolution) * 0.5)
+        y, x = torch.meshgrid(torch.arange(resolution), torch.arange(resolution), indexing="ij")
+        y, x = y.flatten(), x.flatten()
+        index = (y[:, None] - y[None, :]).abs() * resolution + (x[:, None] - x[None, :]).abs()
+        self.register_buffer("bias", self.table.detach()[:, index].clone(), persistent=False)  # timm's cache
+
+    def forward(self, qkv: Tensor) -> Tensor:
+        B, N, _ = qkv.shape
+        q, k, v = qkv.view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        bias = self.bias.to(qkv.dtype)
+        if self.sdpa:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.key_dim ** -0.5)
+        else:
+            o = ((q @ k.transpose(-2, -1)) * self.key_dim ** -0.5 + bias).softmax(dim=-1) @ v
+        return F.hardswish(o.transpose(1, 2).reshape(B, N, -1))
+
+
+class FusedLevitAttentionCore(nn.Module):
+    """Ours: ``fastvit_kernels.bias_attention`` on views of the packed projection, bias by index."""
+
+    def __init__(self, module: EagerLevitAttention):
+        super().__init__()
+        self.m = module
+
+    def forward(self, qkv: Tensor) -> Tensor:
+        m = self.m
+        B, N, _ = qkv.shape
+        q, k, v = qkv.view(B, N, m.num_heads, -1).split([m.key_dim, m.key_dim, m.val_dim], dim=3)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return fastvit_kernels.bias_attention(q, k, v, m.table, (m.resolution, m.resolution), 1,
+                                              m.key_dim ** -0.5, "hardswish")
+
+
+def _bias_attention_input(case: Case, dtype: torch.dtype, device: torch.device) -> Tensor:
+    p = case.params
+    width = p["num_heads"] * (2 * p["key_dim"] + p["val_dim"])
+    return torch.randn(p["batch"], p["resolution"] ** 2, width, device=device).to(dtype)
+
+
+def _bias_attention_min_bytes(case: Case, itemsize: int) -> int:
+    p = case.params
+    tokens = p["batch"] * p["resolution"] ** 2
+    return tokens * p["num_heads"] * (2 * p["key_dim"] + 2 * p["val_dim"]) * itemsize  # qkv read, out written
+
+
+def _bias_attention_flops(case: Case) -> int:
+    p = case.params
+    n = p["resolution"] ** 2
+    return 2 * p["batch"] * p["num_heads"] * n * n * (p["key_dim"] + p["val_dim"])
+
+
+def _sdpa_bias(module: EagerLevitAttention) -> Callable[[Tensor], Tensor]:
+    """SDPA with the materialised float bias as attn_mask."""
+    sdpa = copy.deepcopy(module)
+    sdpa.sdpa = True
+    return sdpa
+
+
+register(Benchmark(
+    name="bias_attention",
+    summary="LeViT attention + relative-position bias + Hardswish on the packed qkv projection; eager = "
+            "timm's levit.Attention core with its cached bias",
+    cases=_bias_attention_cases,
+    build_module=lambda case: EagerLevitAttention(case.params["resolution"], case.params["num_heads"],
+                                                  case.params["key_dim"], case.params["val_dim"]).eval(),
+    make_input=_bias_attention_input,
+    fuse=FusedLevitAttentionCore,
+    min_bytes=_bias_attention_min_bytes,
+    flops=_bias_attention_flops,
+    baselines={"sdpa+bias": _sdpa_bias},
+    in_quick_run=False,
 ))
 
 
