@@ -7,7 +7,7 @@ affected backend is unavailable and ``python -m fastvit_kernels.info`` says why.
 from .backends import BACKENDS, BackendUnavailable, use_backend
 from .models import create_model, list_models
 from .modules import FusedConvBNAct, FusedConvBNActSequential, FusedMobileViTBlock
-from .ops import bias_attention, dwconv_bn_act, patch_attention, xca_attention
+from .ops import attention, bias_attention, dwconv_bn_act, head_mixing_attention, patch_attention, xca_attention
 from .patch import patch
 
 __version__ = "0.1.0"
@@ -18,9 +18,11 @@ __all__ = [
     "FusedConvBNAct",
     "FusedConvBNActSequential",
     "FusedMobileViTBlock",
+    "attention",
     "bias_attention",
     "create_model",
     "dwconv_bn_act",
+    "head_mixing_attention",
     "list_models",
     "patch",
     "patch_attention",

@@ -4,13 +4,18 @@ import importlib
 
 from .bias_attention import bias_attention
 from .dwconv_bn_act import dwconv_bn_act
-from .patch_attention import patch_attention
+from .head_mixing_attention import head_mixing_attention
+from .patch_attention import attention, patch_attention
 from .xca_attention import xca_attention
 
-__all__ = ["bias_attention", "dwconv_bn_act", "patch_attention", "xca_attention", "implementations"]
+__all__ = ["attention", "bias_attention", "dwconv_bn_act", "head_mixing_attention", "patch_attention", "xca_attention",
+           "implementations"]
 
 
 def implementations() -> dict:
     """``{op name: backend names it implements}``, from each op module's ``IMPLEMENTATIONS`` table."""
-    return {name: tuple(impl.backend for impl in importlib.import_module(f"{__name__}.{name}").IMPLEMENTATIONS)
-            for name in ("dwconv_bn_act", "patch_attention", "xca_attention", "bias_attention")}
+    tables = {name: importlib.import_module(f"{__name__}.{name}").IMPLEMENTATIONS
+              for name in ("dwconv_bn_act", "patch_attention", "xca_attention", "bias_attention",
+                           "head_mixing_attention")}
+    tables["attention"] = importlib.import_module(f"{__name__}.patch_attention").CROSS_IMPLEMENTATIONS
+    return {name: tuple(impl.backend for impl in table) for name, table in tables.items()}

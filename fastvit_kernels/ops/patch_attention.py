@@ -240,3 +240,115 @@ def _backward(ctx, grad_out: Tensor):
 
 
 _patch_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ==================================================================================================
+# Cross attention: the same attention with queries and keys/values from different tensors.
+# ==================================================================================================
+#
+# CaiT's class attention, CrossViT, CvT's strided k/v and DeiT's extra tokens attend from Nq queries
+# to Nk keys of another tensor. ``attention`` takes q, k and v as separate ``[B, heads, N, d]`` views
+# (as ``rearrange(t, 'b n (h d) -> b h n d')`` makes them), with no patch grouping.
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """Multi-head attention of ``Nq`` queries over ``Nk`` keys/values that may come from other tensors.
+
+    Args:
+        q: ``[B, heads, Nq, d]`` float16/bfloat16/float32/float64, any strides.
+        k: ``[B, heads, Nk, d]``, v: ``[B, heads, Nk, dv]``: q's dtype and device, any strides.
+        scale: the score scale, default ``d ** -0.5``.
+
+    Returns ``[B, Nq, heads * dv]``, contiguous, channel ``h * dv + e`` (ready for the output Linear).
+    Equivalent PyTorch::
+
+        o = torch.softmax(scale * q @ k.transpose(-1, -2), dim=-1) @ v     # [B, heads, Nq, dv]
+        out = o.transpose(1, 2).reshape(B, Nq, heads * dv)
+
+    Differentiable in ``q``, ``k`` and ``v``.
+    """
+    return torch.ops.fastvit_kernels.attention(q, k, v, scale)
+
+
+def check_cross_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be a 4-D [B, heads, N, d] tensor, got shape {tuple(t.shape)}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"attention: q.dtype {q.dtype} is not supported; supported: "
+                        f"float16, bfloat16, float32, float64")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"attention: {name}.dtype {t.dtype} must equal q.dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attention: {name} is on {t.device} but q is on {q.device}")
+    B, heads, Nq, d = q.shape
+    if tuple(k.shape[:2]) != (B, heads) or k.shape[3] != d:
+        raise ValueError(f"attention: k must have shape [B, heads, Nk, d] = [{B}, {heads}, Nk, {d}] "
+                         f"(q is {tuple(q.shape)}), got {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        raise ValueError(f"attention: v must have shape [B, heads, Nk, dv] = [{B}, {heads}, {k.shape[2]}, dv] "
+                         f"(k is {tuple(k.shape)}), got {tuple(v.shape)}")
+    if min(heads, d, v.shape[3]) < 1:
+        raise ValueError(f"attention: heads and head dims must be >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if q.shape[2] > 0 and k.shape[2] == 0:
+        raise ValueError(f"attention: {q.shape[2]} queries need at least one key, got k {tuple(k.shape)}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be a finite number or None, got {scale}")
+
+
+def new_cross_output(q: Tensor, v: Tensor) -> Tensor:
+    """``[B, Nq, heads * dv]`` contiguous in q's dtype."""
+    B, heads, Nq, _ = q.shape
+    return torch.empty((B, Nq, heads * v.shape[-1]), dtype=q.dtype, device=q.device)
+
+
+def cross_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> None:
+    """The specification: attention in the accumulation dtype on the ``[B, heads, N, d]`` views."""
+    acc = accumulation_dtype(q.dtype)
+    o = attention_forward(q.to(acc), k.to(acc), v.to(acc), scale)[1]  # [B, heads, Nq, dv]
+    out.copy_(o.transpose(1, 2).reshape(out.shape))
+
+
+# The fused kernels serve cross attention as the patch kernels with a 1 x 1 patch and separate
+# q/k/v tensors; until they take separate tensors, the reference does.
+CROSS_IMPLEMENTATIONS = (
+    backends.Implementation("reference", cross_reference),
+)
+
+
+@torch.library.custom_op("fastvit_kernels::attention", mutates_args=())
+def _attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+    check_cross_inputs(q, k, v, scale)
+    out = new_cross_output(q, v)
+    if out.numel() == 0:
+        return out
+    backends.run("attention", CROSS_IMPLEMENTATIONS, q.device, q, k, v,
+                 q.shape[-1] ** -0.5 if scale is None else float(scale), out)
+    return out
+
+
+@_attention.register_fake
+def _(q, k, v, scale):
+    check_cross_inputs(q, k, v, scale)
+    return new_cross_output(q, v)
+
+
+def _cross_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v)  # P is recomputed: no [B, heads, Nq, Nk] buffer is kept
+    ctx.scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _cross_backward(ctx, grad_out: Tensor):
+    q, k, v = ctx.saved_tensors
+    if not any(ctx.needs_input_grad[:3]):
+        return None, None, None, None
+    acc = accumulation_dtype(q.dtype)
+    B, heads, Nq, _ = q.shape
+    grad_o = grad_out.to(acc).reshape(B, Nq, heads, -1).transpose(1, 2)
+    grads = attention_backward(q.to(acc), k.to(acc), v.to(acc), grad_o, ctx.scale)
+    return (*[g.to(q.dtype) if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])], None)
+
+
+_attention.register_autograd(_cross_backward, setup_context=_cross_setup_context)
