@@ -1,0 +1,11 @@
+"""The ViT family of lucidrains' ``vit-pytorch`` on the fused ops.
+
+Each class takes the constructor arguments of the ``vit_pytorch`` class of the same name and has the
+same state_dict keys, so weights trained with ``vit-pytorch`` load unchanged; attention runs on
+``patch_attention`` / ``attention`` / ``head_mixing_attention``. Modules mirror vit-pytorch's files:
+``vit.py`` (ViT and the shared Transformer pieces), ...
+"""
+
+from .vit import ViT
+
+__all__ = ["ViT"]
