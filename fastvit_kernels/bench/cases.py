@@ -560,3 +560,7 @@ def _model_benchmark(name: str, input_size, summary: str) -> Benchmark:
 
 for _name, (_input_size, _summary) in MODEL_BENCHMARKS.items():
     register(_model_benchmark(_name, _input_size, _summary))
+
+
+# The ViT family (vit-pytorch) and head-mixing attention live in their own file; importing it registers them.
+from . import vit_family_cases  # noqa: E402,F401
