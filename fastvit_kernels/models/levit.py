@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..modules.levit import ConvNorm, FusedLeViTAttention, FusedLeViTAttentionDownsample, LinearNorm
-from ..modules.patch_transformer import drop_path
+from ..modules.patch_transformer import add_residual, can_overwrite
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,14 @@ CONFIGS = {
 }
 
 
+class InferenceInplaceHardswish(nn.Hardswish):
+    """``nn.Hardswish`` that overwrites its input when no autograd graph needs it: for activations
+    that follow a layer whose fresh output nothing else reads (the stem's convs)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.hardswish(x, inplace=can_overwrite(x))
+
+
 class LevitMlp(nn.Module):
     """timm ``LevitMlp`` (keys ``ln1``, ``ln2``): LinearNorm -> Hardswish -> LinearNorm."""
 
@@ -56,7 +64,9 @@ class LevitMlp(nn.Module):
         self.ln2 = LinearNorm(hidden, dim, bn_weight_init=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.ln2(self.drop(self.act(self.ln1(x))))
+        h = self.ln1(x)
+        h = F.hardswish(h, inplace=can_overwrite(h))  # in place in inference: no second hidden buffer
+        return self.ln2(self.drop(h))
 
 
 class LevitBlock(nn.Module):
@@ -68,8 +78,8 @@ class LevitBlock(nn.Module):
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + drop_path(self.attn(x), self.drop_path_rate, self.training)
-        return x + drop_path(self.mlp(x), self.drop_path_rate, self.training)
+        x = add_residual(x, self.attn(x), self.drop_path_rate, self.training)
+        return add_residual(x, self.mlp(x), self.drop_path_rate, self.training)
 
 
 class LevitDownsample(nn.Module):
@@ -83,7 +93,7 @@ class LevitDownsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.attn_downsample(x)
-        return x + drop_path(self.mlp(x), self.drop_path_rate, self.training)
+        return add_residual(x, self.mlp(x), self.drop_path_rate, self.training)
 
 
 class LevitStage(nn.Module):
@@ -142,7 +152,7 @@ class Levit(nn.Module):
         for i in range(4):
             self.stem.add_module(f"conv{i + 1}", ConvNorm(chs[i], chs[i + 1], 3, stride=2, padding=1))
             if i < 3:
-                self.stem.add_module(f"act{i + 1}", nn.Hardswish())
+                self.stem.add_module(f"act{i + 1}", InferenceInplaceHardswish())
         resolution = self.img_size // 16
         stages, in_dim = [], dim
         for i, out_dim in enumerate(config.embed_dim):

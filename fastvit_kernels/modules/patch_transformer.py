@@ -33,6 +33,20 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     return x * keep.div_(1.0 - p)
 
 
+def can_overwrite(t: Tensor) -> bool:
+    """True when ``t``, a fresh intermediate, may be overwritten: no autograd graph will read it."""
+    return not (torch.is_grad_enabled() and t.requires_grad)
+
+
+def add_residual(shortcut: Tensor, branch: Tensor, p: float, training: bool) -> Tensor:
+    """``shortcut + drop_path(branch, p)``. In inference the sum goes into ``branch`` (a fresh
+    intermediate of the same shape) instead of a new tensor: a fresh large buffer costs page faults on
+    first touch, which on the CPU can cost more than the add itself."""
+    if training or branch.shape != shortcut.shape or not can_overwrite(branch):
+        return shortcut + drop_path(branch, p, training)
+    return branch.add_(shortcut)
+
+
 def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
