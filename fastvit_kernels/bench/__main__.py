@@ -15,7 +15,7 @@ The memory bandwidth that op rows are a share of ("% peak BW") is measured once 
 device-to-device copy (:mod:`.bandwidth`); the datasheet figure of A100/H100/H200 is stored beside it.
 
 Exit status: 0, or 1 when a fused row exceeded its error tolerance (baselines that do are reported
-but are not our bug), 2 for bad arguments.
+but are not our bug), 2 for bad arguments, 130 when interrupted (the results so far are written).
 """
 
 from __future__ import annotations
@@ -175,19 +175,30 @@ def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, rep
     rows, skipped = [], []
     for case, dtype in jobs:
         what = f"{op} {case.label} {dtype}"
-        if deadline_s is not None and progress.elapsed_s() >= deadline_s:
+        reason = None
+        if progress.interrupted:
+            reason = "not run: interrupted"
+        elif deadline_s is not None and progress.elapsed_s() >= deadline_s:
             reason = f"not run: the time budget of {deadline_s} s was used up"
+        if reason:
             skipped.append({"op": op, "case": case.label, "dtype": dtype, "impl": "*", "reason": reason})
             progress.end_case(what, reason)
             continue
         progress.start_case(what)
         try:
             prepared = runner.prepare_case(benchmark, case, runner.DTYPES[dtype], device, backend_names)
+            timings = runner.time_variants(prepared, warmup, repeats)
         except runner.CaseSkipped as e:
             skipped.append({"op": op, "case": case.label, "dtype": dtype, "impl": "*", "reason": str(e)})
             progress.end_case(what, f"skipped: {e}")
             continue
-        timings = runner.time_variants(prepared, warmup, repeats)
+        except KeyboardInterrupt:
+            # Ctrl-C (or the GPU runbook's time limit): keep what was measured, write it, stop.
+            progress.interrupted = True
+            skipped.append({"op": op, "case": case.label, "dtype": dtype, "impl": "*",
+                            "reason": "not run: interrupted"})
+            progress.end_case(what, "interrupted")
+            continue
         case_rows = runner.make_rows(prepared, timings, bandwidth.get("measured_gbps"),
                                      bandwidth.get("datasheet_gbps"))
         rows += case_rows
@@ -307,6 +318,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "batches": args.batch, "time_budget_s": args.time_budget}
             fused_failures += _benchmark_op(op, device, backend_names, left_out, settings, args.out,
                                             not args.no_plot, argv, progress, bandwidth)
+            if progress.interrupted:
+                return 130  # the shell's status for Ctrl-C
     return 1 if fused_failures else 0
 
 

@@ -24,6 +24,7 @@ class Progress:
         self.tty = self.stream.isatty() if tty is None else tty
         self.start = time.monotonic()
         self._open_line = False  # a redrawable line is on screen
+        self.interrupted = False  # Ctrl-C seen: the runner writes what it has and stops
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.start

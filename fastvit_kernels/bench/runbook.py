@@ -130,9 +130,12 @@ def make_steps(folder: Path, build: bool) -> List[Step]:
 
 
 def _timeout(steps: List[Step], i: int, left_s: float) -> float:
-    """Seconds for step ``i``: its share of what the later steps' minimums leave, within its cap."""
+    """Seconds for step ``i``: its share of the time left (at least its minimum), within its cap and
+    leaving every later step its minimum. Below its own minimum it is not started."""
+    step = steps[i]
     spare = left_s - sum(s.min_s for s in steps[i + 1:])
-    return max(0.0, min(steps[i].cap_s, spare * steps[i].share if steps[i].share < 1 else spare))
+    want = max(step.min_s, step.share * left_s) if step.share < 1 else spare
+    return max(0.0, min(step.cap_s, spare, want))
 
 
 def _with_time_budget(step: Step, timeout_s: float) -> List[str]:
