@@ -1,5 +1,7 @@
 """The GPU runbook, as far as a machine without a GPU can check it: its steps and the clean refusal."""
 
+import tarfile
+
 import pytest
 import torch
 
@@ -41,3 +43,25 @@ def test_junit_counts(tmp_path):
     counts = runbook.junit_counts(xml)
     assert (counts["tests"], counts["failures"], counts["skipped"]) == (3, 1, 1)
     assert counts["failed"] == ["tests.a::bad"]
+
+
+def test_steps_run_with_time_limits_into_one_folder(tmp_path, monkeypatch):
+    """The runbook's driving on stand-in steps: logs, a step stopped at its limit, summary, archive."""
+    py = runbook.PY
+    steps = [runbook.Step("hello", [py, "-c", "import os; print('hello', os.environ.get('TRITON_INTERPRET'))"],
+                          30, 1, "hello.log"),
+             runbook.Step("slow", [py, "-c", "import time; time.sleep(60)"], 2, 1, "slow.log")]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(runbook, "make_steps", lambda folder, build: steps)
+    monkeypatch.setattr(runbook, "device_slug", lambda: "cuda-stand-in")
+    monkeypatch.setattr(runbook, "extension_has_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")
+    archive = tmp_path / "out" / "gpu.tar.gz"
+    assert runbook.main(["--out-root", str(tmp_path), "--budget", "60", "--archive", str(archive)]) == 1
+    (folder,) = tmp_path.glob("cuda-stand-in-*")
+    assert (folder / "hello.log").read_text() == "hello None\n"  # TRITON_INTERPRET removed
+    text = (folder / "summary.md").read_text()
+    assert "Stand-in GPU" in text and "| hello | ok |" in text and "| slow | timed out after 2 s |" in text
+    with tarfile.open(archive) as tar:
+        assert {f"{folder.name}/summary.md", f"{folder.name}/hello.log"} <= set(tar.getnames())

@@ -35,7 +35,7 @@ from .accuracy import RULE
 from .bandwidth import measure_copy_bandwidth
 from .progress import Progress
 from .cases import REGISTRY
-from .timing import ROTATION_BYTES
+from .timing import CUDA_MIN_REPEAT_S, ROTATION_BYTES
 
 PROG = "python -m fastvit_kernels.bench"
 FULL_SETTINGS, QUICK_SETTINGS = runner.FULL_SETTINGS, runner.QUICK_SETTINGS
@@ -263,6 +263,8 @@ def _benchmark_op(op: str, device: torch.device, backend_names, left_out, settin
         "benchmarked_backends": backend_names,
         "backends_left_out": left_out,
         "settings": {**settings, "rotation_bytes": ROTATION_BYTES, "seed": 0, "grad_mode": "inference_mode",
+                     "timer": (f"CUDA events around batches of calls of at least {CUDA_MIN_REPEAT_S * 1e3:g} ms"
+                               if device.type == "cuda" else "time.perf_counter around each call"),
                      "torch_compile": "torch.compile(eager), default mode, compile time excluded"},
         "tolerance_rule": RULE,
         "rows": rows,

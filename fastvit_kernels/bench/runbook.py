@@ -103,7 +103,8 @@ def test_workers() -> List[str]:
         import xdist  # noqa: F401
     except ImportError:
         return []
-    return ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
+    # loadfile: a module's tests stay on one worker, so a module fixture (the CLI's quick run) runs once.
+    return ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2))), "--dist", "loadfile"]
 
 
 def make_steps(folder: Path, build: bool) -> List[Step]:
