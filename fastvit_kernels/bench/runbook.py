@@ -96,7 +96,7 @@ def extension_has_cuda() -> bool:
     return subprocess.run([PY, "-c", check], cwd=ROOT, capture_output=True).returncode == 0
 
 
-def test_workers() -> List[str]:
+def xdist_args() -> List[str]:
     """pytest-xdist workers when it is installed: most of the suite's time is Triton and nvcc
     compiling, which runs on the CPU cores in parallel."""
     try:
@@ -116,7 +116,7 @@ def make_steps(folder: Path, build: bool) -> List[Step]:
         Step("build", [PY, "setup.py", "build_ext", "--inplace"], 300, 60, "build.log",
              {"FASTVIT_KERNELS_BUILD_CUDA": "1", "MAX_JOBS": str(os.cpu_count() or 2)}) if build else None,
         Step("info", [PY, "-m", "fastvit_kernels.info"], 60, 10, "info.txt"),
-        Step("tests", [PY, "-m", "pytest", "-q", "tests", "-p", "no:cacheprovider", *test_workers(),
+        Step("tests", [PY, "-m", "pytest", "-q", "tests", "-p", "no:cacheprovider", *xdist_args(),
                        f"--junitxml={folder / 'tests.xml'}"], 240, 60, "tests.log"),
     ]
     # The ops share 60% of the benchmark time equally and the models get the rest: op i of n takes
