@@ -1,23 +1,30 @@
-"""pytest-benchmark glue shared by every ``bench/bench_<op>.py``: the registry's cases, built and checked
-by ``fastvit_kernels.bench.runner`` exactly as the CLI does, timed by pytest-benchmark.
+"""pytest-benchmark glue: the registry's cases, built and checked by ``fastvit_kernels.bench.runner``
+exactly as the CLI does, timed by pytest-benchmark. ``bench/bench_registry.py`` takes every registry
+entry (ops and whole models; an entry registered later is picked up with no edit here).
 
-    pytest bench/ --benchmark-only                        # the full cases
-    FASTVIT_BENCH_QUICK=1 pytest bench/ --benchmark-only  # the --quick cases
+    pytest bench/ --benchmark-only                         # every entry, its --quick cases
+    pytest bench/ --benchmark-only -m "not model"          # the ops only (models compile for minutes on a CPU)
+    pytest bench/ --benchmark-only -k xca_attention        # one entry
+    FASTVIT_BENCH_FULL=1 pytest bench/ --benchmark-only    # the full cases, as the CLI with no --quick
 
 The CLI (``python -m fastvit_kernels.bench``) is the tool for quoted numbers: on CUDA it times with
 events over batches of calls, while pytest-benchmark's host clock needs a synchronize after every call.
 """
 
+import functools
 import os
 
 import pytest
 import torch
 
 from fastvit_kernels.bench import REGISTRY, runner
+from fastvit_kernels.bench.bandwidth import measure_copy_bandwidth
 from fastvit_kernels.bench.environment import available_cpu_threads
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-QUICK = os.environ.get("FASTVIT_BENCH_QUICK", "0") == "1"
+# Quick by default: the suite is a check that every entry runs and is correct, with a timing of each;
+# quoted numbers come from the CLI. FASTVIT_BENCH_QUICK=0 is the old spelling of FULL=1.
+QUICK = not (os.environ.get("FASTVIT_BENCH_FULL", "0") == "1" or os.environ.get("FASTVIT_BENCH_QUICK") == "0")
 BACKENDS, BACKENDS_LEFT_OUT = runner.default_backends(DEVICE)
 
 
@@ -25,33 +32,40 @@ def benchmark_params(op):
     """(case, dtype, variant) triples for ``pytest.mark.parametrize``, case-major so that each case is
     prepared (inputs generated, torch.compile run) once, and ids that name them."""
     entry = REGISTRY[op]
-    params = [(case, dtype, impl) for case in entry.cases(QUICK, DEVICE)
+    params = [(case, dtype, impl) for case in runner.select_cases(entry, QUICK, DEVICE)
               for dtype in runner.default_dtypes(DEVICE) for impl in runner.variant_names(entry, BACKENDS)]
     ids = [f"{case.label.replace(' ', '-')}-{dtype}-{impl}" for case, dtype, impl in params]
     return params, ids
 
 
 def pytest_generate_tests(metafunc):
-    """A ``bench/bench_<op>.py`` names its op in ``OP`` and takes ``case, dtype, impl``, or names several
-    in ``OPS`` and also takes ``op``: parametrized here."""
+    """A test taking ``op, case, dtype, impl`` runs every registry entry (or the entries its module
+    names in ``OPS``); one naming a single entry in ``OP`` takes ``case, dtype, impl``. Whole-model
+    entries carry the ``model`` mark."""
     names = set(metafunc.fixturenames)
     op = getattr(metafunc.module, "OP", None)
-    ops = getattr(metafunc.module, "OPS", None)
     if op is not None and {"case", "dtype", "impl"} <= names:
         params, ids = benchmark_params(op)
         metafunc.parametrize("case,dtype,impl", params, ids=ids)
-    elif ops is not None and {"op", "case", "dtype", "impl"} <= names:
-        params, ids = [], []
-        for name in ops:
+    elif {"op", "case", "dtype", "impl"} <= names:
+        params = []
+        for name in getattr(metafunc.module, "OPS", None) or sorted(REGISTRY):
+            marks = [pytest.mark.model] if REGISTRY[name].kind == "model" else []
             op_params, op_ids = benchmark_params(name)
-            params += [(name, *p) for p in op_params]
-            ids += [f"{name}-{i}" for i in op_ids]
-        metafunc.parametrize("op,case,dtype,impl", params, ids=ids)
+            params += [pytest.param(name, *p, marks=marks, id=f"{name}-{i}") for p, i in zip(op_params, op_ids)]
+        metafunc.parametrize("op,case,dtype,impl", params)
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "model: a whole-model entry (slow on a CPU: torch.compile takes minutes)")
     if DEVICE.type == "cpu":
         torch.set_num_threads(available_cpu_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth_gbps() -> float:
+    """The device's memory bandwidth by a large copy, measured once per session on first use."""
+    return measure_copy_bandwidth(DEVICE)["gbps"]
 
 
 @pytest.fixture(scope="session")
@@ -110,6 +124,7 @@ def bench_variant(benchmark, prepared_case):
             min_bytes, flops = REGISTRY[op].min_bytes(case, itemsize), REGISTRY[op].flops(case)
             if min_bytes:
                 benchmark.extra_info["GB/s"] = min_bytes / seconds / 1e9
+                benchmark.extra_info["% of copy bandwidth"] = 100 * min_bytes / seconds / 1e9 / copy_bandwidth_gbps()
             if flops:
                 benchmark.extra_info["GFLOP/s"] = flops / seconds / 1e9
             if "batch" in case.params:

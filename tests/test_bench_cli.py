@@ -1,14 +1,20 @@
 """The benchmark CLI: a quick run on the CPU writes checked results, bad arguments fail cleanly."""
 
+import importlib
+import inspect
+import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastvit_kernels import backends
 from fastvit_kernels.bench import REGISTRY, plot_speedups, report, runner
-from fastvit_kernels.bench.__main__ import main
+from fastvit_kernels.bench.__main__ import main, run_op
+from fastvit_kernels.bench.bandwidth import datasheet_memory_bandwidth, measure_copy_bandwidth
+from fastvit_kernels.bench.progress import Progress
 from fastvit_kernels.bench.cases import UnfoldAttentionFold, model_case, timm_fold, timm_unfold
 
 TIMES = ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms")
@@ -243,3 +249,119 @@ def test_attention_op_entries_check_fused_against_float64(op):
     for name in names:
         assert prepared.errors[f"fused-{name}"] <= prepared.tolerance, (name, prepared.errors)
     assert entry.flops(case) > 0 and entry.min_bytes(case, 4) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory bandwidth (the roofline's ceiling), progress, argument checks, console script.
+# --------------------------------------------------------------------------------------------------
+
+DATASHEET_NAMES = {
+    "NVIDIA A100-SXM4-40GB": 1555.0, "NVIDIA A100-PCIE-40GB": 1555.0, "NVIDIA A100-SXM4-80GB": 2039.0,
+    "NVIDIA A100 80GB PCIe": 1935.0, "NVIDIA H100 80GB HBM3": 3350.0, "NVIDIA H100 PCIe": 2000.0,
+    "NVIDIA H100 NVL": 3900.0, "NVIDIA H200": 4800.0, "NVIDIA H200 NVL": 4800.0,
+}
+
+
+@pytest.mark.parametrize("name,gbps", DATASHEET_NAMES.items())
+def test_datasheet_bandwidth_matches_torch_device_names(name, gbps):
+    figure, part = datasheet_memory_bandwidth(name)
+    assert figure == gbps and part
+
+
+@pytest.mark.parametrize("name", ["NVIDIA GH200 480GB", "NVIDIA GeForce RTX 4090", "AMD EPYC 7B13", ""])
+def test_datasheet_bandwidth_unknown_device_is_none(name):
+    assert datasheet_memory_bandwidth(name) is None
+
+
+def test_measured_copy_bandwidth_on_cpu():
+    measured = measure_copy_bandwidth(torch.device("cpu"), nbytes=8 * 2**20, repeats=3)
+    assert measured["copy_bytes"] == 8 * 2**20 and measured["repeats"] == 3
+    assert 0 < measured["min_gbps"] <= measured["gbps"] <= measured["max_gbps"]
+
+
+def test_json_stores_measured_bandwidth_and_op_rows_share_of_it(quick_run):
+    result = json.loads(quick_run[1][0].read_text())
+    bandwidth = result["device"]["memory_bandwidth"]
+    assert bandwidth["measured"]["gbps"] > 0 and bandwidth["measured"]["copy_bytes"] > 0
+    assert result["device"]["peak_memory_gbps"] == bandwidth["measured"]["gbps"]
+    assert "datasheet_gbps" in bandwidth  # None on a CPU
+    for r in result["rows"]:
+        assert math.isclose(r["peak_memory_pct"], 100 * r["gbps"] / bandwidth["measured"]["gbps"])
+
+
+def test_progress_plain_lines_when_not_a_terminal():
+    stream = io.StringIO()
+    progress = Progress(2, stream=stream, tty=False)
+    progress.start_case("op a float32")
+    progress.end_case("op a float32", "eager 1.0 ms")
+    progress.note("next op")
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and "\033" not in stream.getvalue()
+    assert lines[0].startswith("[1/2]") and lines[0].endswith("op a float32: running")
+    assert lines[1].startswith("[1/2]") and lines[1].endswith("eager 1.0 ms") and lines[2] == "next op"
+
+
+def test_progress_redraws_one_line_on_a_terminal():
+    stream = io.StringIO()
+    progress = Progress(4, stream=stream, tty=True)
+    progress.start_case("x")
+    progress.end_case("x", "done")
+    progress.start_case("y")
+    text = stream.getvalue()
+    assert text.count("\r") == 3 and text.count("\n") == 1  # the finished case stays, the bar redraws
+    assert "#####" in text.split("\n")[-1]  # 1 of 4 done: a quarter of the bar
+
+
+def test_time_budget_leaves_cases_listed_as_not_run():
+    names, _ = runner.default_backends(torch.device("cpu"))
+    progress = Progress(99, stream=io.StringIO(), tty=False)
+    rows, skipped = run_op("dwconv_bn_act", torch.device("cpu"), ["float32"], names, True, 1, 1, progress,
+                           deadline_s=0)
+    assert rows == [] and len(skipped) == len(REGISTRY["dwconv_bn_act"].cases(True, torch.device("cpu")))
+    assert all(s["reason"].startswith("not run: the time budget") for s in skipped)
+
+
+def test_batch_filter_keeps_cases_of_those_batches():
+    cpu = torch.device("cpu")
+    cases = runner.select_cases(REGISTRY["xca_attention"], False, cpu, [8])
+    assert cases and {c.params["batch"] for c in cases} == {8}
+    assert {runner.case_batch(c) for c in REGISTRY["dwconv_bn_act"].cases(False, cpu)} == {8}  # N of the shape
+    assert runner.select_cases(REGISTRY["dwconv_bn_act"], False, cpu, [64]) == []
+
+
+def test_dtype_unsupported_on_the_device_is_a_clean_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(runner, "dtype_problem",
+                        lambda name, device: "not on this machine (simulated)" if name == "float16" else None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--dtype", "float16", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dtype" in err and "float16" in err and "simulated" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bfloat16_refused_before_ampere(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    cuda = torch.device("cuda")
+    assert "bfloat16" in runner.dtype_problem("bfloat16", cuda) and "Tesla T4" in runner.dtype_problem("bfloat16", cuda)
+    assert runner.dtype_problem("float16", cuda) is None
+    assert runner.dtype_problem("bfloat16", torch.device("cpu")) is None
+
+
+def test_named_entry_without_that_batch_is_a_clean_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--op", "dwconv_bn_act", "--batch", "64", "--device", "cpu", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--batch" in err and "dwconv_bn_act" in err and "Traceback" not in err
+
+
+def test_console_script_points_at_main():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    module, _, function = pyproject["project"]["scripts"]["fastvit-bench"].partition(":")
+    target = getattr(importlib.import_module(module), function)
+    assert target is main
+    # The generated script calls sys.exit(main()) with no arguments: every parameter has a default.
+    assert all(p.default is not inspect.Parameter.empty for p in inspect.signature(main).parameters.values())

@@ -7,10 +7,15 @@ picks entries by name (ops and models alike, e.g. ``--op patch_attention mobilev
 without ``--op`` leaves the whole models out. Prints a progress line per case to stderr and a table at
 the end, writes ``<out>/<op>_<device>_<date>.json`` and a PNG plot next to it.
 
-``--replot results.json`` redraws the plot of stored results without running anything.
+``--replot results.json`` redraws the plot of stored results without running anything;
+``--readme-table [DIR]`` prints the README's results section (the newest stored results per device and
+entry under DIR, default bench/results) and ``--update-readme README.md`` rewrites that section in place.
+
+The memory bandwidth that op rows are a share of ("% peak BW") is measured once per run by a large
+device-to-device copy (:mod:`.bandwidth`); the datasheet figure of A100/H100/H200 is stored beside it.
 
 Exit status: 0, or 1 when a fused row exceeded its error tolerance (baselines that do are reported
-but are not our bug), 2 for bad arguments.
+but are not our bug), 2 for bad arguments, 130 when interrupted (the results so far are written).
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from typing import List, Optional
 import torch
 
 from .. import backends
-from . import environment, report, runner
+from . import environment, report, runner, summary
 from .accuracy import RULE
+from .bandwidth import measure_copy_bandwidth
+from .progress import Progress
 from .cases import REGISTRY
-from .timing import ROTATION_BYTES
+from .timing import CUDA_MIN_REPEAT_S, ROTATION_BYTES
 
 PROG = "python -m fastvit_kernels.bench"
 FULL_SETTINGS, QUICK_SETTINGS = runner.FULL_SETTINGS, runner.QUICK_SETTINGS
@@ -72,8 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=_positive_int,
                         help=f"untimed calls per variant first (default: {FULL_SETTINGS[0]}, "
                              f"{QUICK_SETTINGS[0]} with --quick, fewer for whole models)")
+    parser.add_argument("--batch", nargs="+", type=_positive_int, metavar="N",
+                        help="only the cases of these batch sizes (default: every batch size of the device's "
+                             "cases); entries whose cases have none of them are left out")
+    parser.add_argument("--time-budget", type=_positive_int, metavar="SECONDS",
+                        help="start no new case after this many seconds; the cases not run are listed in the "
+                             "JSON (for runs that must fit a time slot, like the GPU runbook)")
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="only redraw the plot of a stored results JSON, then exit")
+    parser.add_argument("--readme-table", nargs="?", type=Path, const=Path("bench/results"), metavar="DIR",
+                        help="only print the README's results section, made from the newest JSON per device "
+                             "and entry under DIR (default: bench/results), then exit")
+    parser.add_argument("--update-readme", type=Path, metavar="README",
+                        help="with --readme-table: write the section between the results markers of this "
+                             "file instead of printing it")
     return parser
 
 
@@ -96,6 +115,47 @@ def _resolve_backends(parser, args, device):
     return list(dict.fromkeys(args.backend)), {}
 
 
+def _resolve_dtypes(parser, args, device) -> List[str]:
+    dtypes = list(dict.fromkeys(args.dtype or runner.default_dtypes(device)))
+    for name in dtypes:
+        reason = runner.dtype_problem(name, device)
+        if reason:
+            parser.error(f"argument --dtype: {name!r} is not supported on {device.type}: {reason}")
+    return dtypes
+
+
+def _resolve_ops(parser, args, device) -> List[str]:
+    ops = list(dict.fromkeys(args.op or [name for name in sorted(REGISTRY)
+                                         if REGISTRY[name].in_quick_run or not args.quick]))
+    if args.batch:
+        # Named entries must have a case of the batch size asked for; by default those without one
+        # are simply not run.
+        having = [op for op in ops if runner.select_cases(REGISTRY[op], args.quick, device, args.batch)]
+        missing = [op for op in ops if op not in having]
+        if args.op and missing:
+            parser.error(f"argument --batch: {', '.join(missing)} has no case of batch size "
+                         f"{', '.join(map(str, args.batch))} on {device.type}{' with --quick' if args.quick else ''}")
+        ops = having
+    return ops
+
+
+def _readme_table(parser, args) -> int:
+    if not args.readme_table.is_dir():
+        parser.error(f"argument --readme-table: {str(args.readme_table)!r} is not a directory")
+    markdown = summary.results_markdown(args.readme_table)
+    if args.update_readme is None:
+        print(markdown)
+        return 0
+    if not args.update_readme.is_file():
+        parser.error(f"argument --update-readme: {str(args.update_readme)!r} is not a file")
+    try:
+        summary.update_readme(args.update_readme, markdown)
+    except ValueError as e:
+        parser.error(f"argument --update-readme: {e}")
+    print(f"updated the results section of {args.update_readme}")
+    return 0
+
+
 def _results_path(out: Path, op: str, device: torch.device, now: datetime.datetime) -> Path:
     stem = f"{op}_{environment.device_slug(device)}_{now:%Y%m%d-%H%M%S}"
     path, n = out / f"{stem}.json", 1
@@ -105,31 +165,47 @@ def _results_path(out: Path, op: str, device: torch.device, now: datetime.dateti
     return path
 
 
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, repeats: int):
-    """Prepare, check and time every case x dtype of ``op``; returns (rows, skipped)."""
+def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, repeats: int,
+           progress: Progress, bandwidth: Optional[dict] = None, batches=None, deadline_s=None):
+    """Prepare, check and time every case x dtype of ``op``; returns (rows, skipped). Past
+    ``deadline_s`` (seconds of ``progress``) the remaining cases are skipped as not run."""
     benchmark = REGISTRY[op]
-    jobs = [(case, dtype) for case in benchmark.cases(quick, device) for dtype in dtypes]
+    jobs = [(case, dtype) for case in runner.select_cases(benchmark, quick, device, batches) for dtype in dtypes]
+    bandwidth = bandwidth or {}
     rows, skipped = [], []
-    for i, (case, dtype) in enumerate(jobs, 1):
-        head = f"[{i}/{len(jobs)}] {op} {case.label} {dtype}"
-        _progress(f"{head}: preparing")
+    for case, dtype in jobs:
+        what = f"{op} {case.label} {dtype}"
+        reason = None
+        if progress.interrupted:
+            reason = "not run: interrupted"
+        elif deadline_s is not None and progress.elapsed_s() >= deadline_s:
+            reason = f"not run: the time budget of {deadline_s} s was used up"
+        if reason:
+            skipped.append({"op": op, "case": case.label, "dtype": dtype, "impl": "*", "reason": reason})
+            progress.end_case(what, reason)
+            continue
+        progress.start_case(what)
         try:
             prepared = runner.prepare_case(benchmark, case, runner.DTYPES[dtype], device, backend_names)
+            timings = runner.time_variants(prepared, warmup, repeats)
         except runner.CaseSkipped as e:
             skipped.append({"op": op, "case": case.label, "dtype": dtype, "impl": "*", "reason": str(e)})
-            _progress(f"{head}: skipped: {e}")
+            progress.end_case(what, f"skipped: {e}")
             continue
-        timings = runner.time_variants(prepared, warmup, repeats)
-        case_rows = runner.make_rows(prepared, timings)
+        except KeyboardInterrupt:
+            # Ctrl-C (or the GPU runbook's time limit): keep what was measured, write it, stop.
+            progress.interrupted = True
+            skipped.append({"op": op, "case": case.label, "dtype": dtype, "impl": "*",
+                            "reason": "not run: interrupted"})
+            progress.end_case(what, "interrupted")
+            continue
+        case_rows = runner.make_rows(prepared, timings, bandwidth.get("measured_gbps"),
+                                     bandwidth.get("datasheet_gbps"))
         rows += case_rows
         skipped += runner.skipped_rows(prepared)
-        summary = ", ".join(f"{r['impl']} {r['median_ms']:.3f} ms" + ("" if r["passed"] else " FAIL")
+        outcome = ", ".join(f"{r['impl']} {r['median_ms']:.3f} ms" + ("" if r["passed"] else " FAIL")
                             for r in case_rows)
-        _progress(f"{head}: {summary}")
+        progress.end_case(what, outcome or "no variant could be timed")
         del prepared  # the rotated inputs can be large
     return rows, skipped
 
@@ -140,6 +216,7 @@ def _print_results(result: dict, json_path: Path, plot: bool) -> None:
     print(f"\n{result['op']} — {device['name']} ({device['type']}, {device['threads']} threads"
           + (f", load average {load[0]:.1f} at start" if load else "")
           + f"), torch {result['versions']['torch']}, median of {result['settings']['repeats']} repeats")
+    print(summary.bandwidth_line(device))
     print(report.format_table(result["rows"], result["skipped"]))
     for name, reason in result["backends_left_out"].items():
         print(f"backend {name} not benchmarked: {reason}")
@@ -160,19 +237,23 @@ def _report_fused_failures(rows) -> int:
 
 
 def _benchmark_op(op: str, device: torch.device, backend_names, left_out, settings: dict, out: Path,
-                  plot: bool, argv) -> int:
+                  plot: bool, argv, progress: Progress, bandwidth: dict) -> int:
     """Run, store, print and plot one op; returns how many fused rows failed their tolerance."""
-    _progress(f"{op} on {environment.device_name(device)} ({device.type}), "
-              f"dtypes {', '.join(settings['dtypes'])}, backends {', '.join(backend_names) or 'none'}, "
-              f"threads {torch.get_num_threads()}")
+    progress.note(f"{op} on {environment.device_name(device)} ({device.type}), "
+                  f"dtypes {', '.join(settings['dtypes'])}, backends {', '.join(backend_names) or 'none'}, "
+                  f"threads {torch.get_num_threads()}")
     now = datetime.datetime.now().astimezone()
-    facts = environment.describe(device)  # before running: the load average is the machine's, not ours
+    # Before running: the load average is the machine's, not ours.
+    facts = environment.describe(device, bandwidth["measured"])
     load = facts["device"]["load_average_at_start"]
     if device.type == "cpu" and load and load[0] >= 1.0:
-        _progress(f"warning: load average {load[0]:.1f} on {environment.available_cpu_threads()} cores "
-                  "before starting: other processes compete for the CPU, timings will be noisy")
+        progress.note(f"warning: load average {load[0]:.1f} on {environment.available_cpu_threads()} cores "
+                      "before starting: other processes compete for the CPU, timings will be noisy")
     rows, skipped = run_op(op, device, settings["dtypes"], backend_names, settings["quick"],
-                           settings["warmup"], settings["repeats"])
+                           settings["warmup"], settings["repeats"], progress,
+                           {"measured_gbps": facts["device"]["peak_memory_gbps"],
+                            "datasheet_gbps": facts["device"]["memory_bandwidth"]["datasheet_gbps"]},
+                           settings["batches"], settings["time_budget_s"])
     result = {
         "op": op,
         "summary": REGISTRY[op].summary,
@@ -182,6 +263,8 @@ def _benchmark_op(op: str, device: torch.device, backend_names, left_out, settin
         "benchmarked_backends": backend_names,
         "backends_left_out": left_out,
         "settings": {**settings, "rotation_bytes": ROTATION_BYTES, "seed": 0, "grad_mode": "inference_mode",
+                     "timer": (f"CUDA events around batches of calls of at least {CUDA_MIN_REPEAT_S * 1e3:g} ms"
+                               if device.type == "cuda" else "time.perf_counter around each call"),
                      "torch_compile": "torch.compile(eager), default mode, compile time excluded"},
         "tolerance_rule": RULE,
         "rows": rows,
@@ -197,6 +280,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
+    if args.update_readme is not None and args.readme_table is None:
+        parser.error("argument --update-readme: needs --readme-table")
+    if args.readme_table is not None:
+        return _readme_table(parser, args)
     if args.replot is not None:
         if not args.replot.is_file():
             parser.error(f"argument --replot: {str(args.replot)!r} is not a file")
@@ -208,15 +295,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     device = _resolve_device(parser, args)
-    dtypes = list(dict.fromkeys(args.dtype or runner.default_dtypes(device)))
+    dtypes = _resolve_dtypes(parser, args, device)
     backend_names, left_out = _resolve_backends(parser, args, device)
-    ops = list(dict.fromkeys(args.op or [name for name in sorted(REGISTRY)
-                                         if REGISTRY[name].in_quick_run or not args.quick]))
+    ops = _resolve_ops(parser, args, device)
 
     if device.type == "cpu":
         torch.set_num_threads(environment.available_cpu_threads())
+    progress = Progress(sum(len(runner.select_cases(REGISTRY[op], args.quick, device, args.batch))
+                            for op in ops) * len(dtypes))
     for name, reason in left_out.items():
-        _progress(f"backend {name} skipped: {reason}")
+        progress.note(f"backend {name} skipped: {reason}")
+    bandwidth = {"measured": measure_copy_bandwidth(device)}  # once per run: the roofline's ceiling
+    progress.note(f"memory bandwidth of {environment.device_name(device)}: "
+                  f"{bandwidth['measured']['gbps']:.0f} GB/s measured by a "
+                  f"{bandwidth['measured']['copy_bytes'] / 2**20:.0f} MiB copy")
 
     # Seeded for repeatable inputs, without changing the RNG state of a caller running main() in-process.
     with torch.random.fork_rng():
@@ -224,9 +316,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         fused_failures = 0
         for op in ops:
             warmup, repeats = runner.settings_for(REGISTRY[op], args.quick, args.warmup, args.repeats)
-            settings = {"quick": args.quick, "dtypes": dtypes, "warmup": warmup, "repeats": repeats}
+            settings = {"quick": args.quick, "dtypes": dtypes, "warmup": warmup, "repeats": repeats,
+                        "batches": args.batch, "time_budget_s": args.time_budget}
             fused_failures += _benchmark_op(op, device, backend_names, left_out, settings, args.out,
-                                            not args.no_plot, argv)
+                                            not args.no_plot, argv, progress, bandwidth)
+            if progress.interrupted:
+                return 130  # the shell's status for Ctrl-C
     return 1 if fused_failures else 0
 
 

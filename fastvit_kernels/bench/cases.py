@@ -49,6 +49,9 @@ class Benchmark:
     warmup, repeats: at most this many untimed / timed calls per variant unless the command line
         says otherwise (None: the runner's default); for entries whose calls take seconds.
 
+    kind: "op" (one fused op against its eager module) or "model" (a whole network); the pytest
+        suite and the GPU runbook pick entries by it.
+
     A case whose params have ``batch`` also gets images/s (batch / median time) in its rows.
     """
 
@@ -64,6 +67,7 @@ class Benchmark:
     in_quick_run: bool = True
     warmup: Optional[int] = None
     repeats: Optional[int] = None
+    kind: str = "op"
 
 
 REGISTRY: Dict[str, Benchmark] = {}
@@ -555,7 +559,7 @@ def _model_benchmark(name: str, input_size, summary: str) -> Benchmark:
 
     return Benchmark(name=name, summary=summary, cases=cases, build_module=build_module, make_input=make_input,
                      fuse=fuse, min_bytes=lambda case, itemsize: None, flops=lambda case: None,
-                     in_quick_run=False, warmup=MODEL_WARMUP, repeats=MODEL_REPEATS)
+                     in_quick_run=False, warmup=MODEL_WARMUP, repeats=MODEL_REPEATS, kind="model")
 
 
 for _name, (_input_size, _summary) in MODEL_BENCHMARKS.items():

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from .. import info
+from .bandwidth import datasheet_memory_bandwidth
 
 
 def cpu_name() -> str:
@@ -31,8 +32,9 @@ def available_cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
-def peak_memory_gbps(device: torch.device) -> Optional[float]:
-    """Theoretical DRAM bandwidth of a CUDA device from its memory clock and bus width, else None."""
+def theoretical_memory_gbps(device: torch.device) -> Optional[float]:
+    """DRAM bandwidth of a CUDA device from its memory clock and bus width as torch reports them, else
+    None. A lead only: the reported clock is not always the one the memory runs at."""
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)
@@ -53,9 +55,11 @@ def device_slug(device: torch.device) -> str:
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
-def describe(device: torch.device) -> dict:
-    """Device and software facts; ``versions`` and ``backends`` come from ``fastvit_kernels.info``."""
+def describe(device: torch.device, measured_bandwidth: Optional[dict] = None) -> dict:
+    """Device and software facts; ``versions`` and ``backends`` come from ``fastvit_kernels.info``.
+    ``measured_bandwidth`` is :func:`bandwidth.measure_copy_bandwidth`'s result, measured once per run."""
     facts = info.collect()
+    datasheet = datasheet_memory_bandwidth(device_name(device)) if device.type == "cuda" else None
     return {
         "device": {
             "type": device.type,
@@ -63,7 +67,14 @@ def describe(device: torch.device) -> dict:
             "cpu": cpu_name(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "threads": torch.get_num_threads(),
-            "peak_memory_gbps": peak_memory_gbps(device),
+            # The roofline's bandwidth: what a large device-to-device copy achieved on this device.
+            "peak_memory_gbps": measured_bandwidth["gbps"] if measured_bandwidth else None,
+            "memory_bandwidth": {
+                "measured": measured_bandwidth,
+                "datasheet_gbps": datasheet[0] if datasheet else None,
+                "datasheet_part": datasheet[1] if datasheet else None,
+                "from_memory_clock_gbps": theoretical_memory_gbps(device),
+            },
             # Other processes on a shared machine skew CPU timings; this says how busy it was.
             "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },

@@ -27,7 +27,6 @@ from torch import Tensor
 from .. import backends, use_backend
 from .accuracy import max_abs_error, tolerance
 from .cases import Benchmark, Case
-from .environment import peak_memory_gbps
 from .timing import Timing, measure, rotation_count
 
 EAGER = "eager"
@@ -60,6 +59,35 @@ def dtype_name(dtype: torch.dtype) -> str:
 def default_dtypes(device: torch.device) -> List[str]:
     # Half precision on the CPU is not what anyone deploys and eager PyTorch is slow at it.
     return ["float16", "bfloat16", "float32"] if device.type == "cuda" else ["float32"]
+
+
+def dtype_problem(name: str, device: torch.device) -> Optional[str]:
+    """None when dtype ``name`` can be benchmarked on ``device``, else why not. The CPU runs all three
+    (the C++ kernels and eager PyTorch accept float16 and bfloat16, slowly)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if name == "bfloat16" and major < 8:
+            return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no "
+                    "bfloat16 arithmetic; it needs 8.0 (Ampere) or newer")
+    return None
+
+
+def case_batch(case: Case) -> Optional[int]:
+    """The batch size of a case: its ``batch`` param, or the N of an NCHW ``shape``; None if neither."""
+    if "batch" in case.params:
+        return int(case.params["batch"])
+    shape = case.params.get("shape")
+    return int(shape[0]) if shape else None
+
+
+def select_cases(benchmark: Benchmark, quick: bool, device: torch.device,
+                 batches: Optional[Sequence[int]] = None) -> List[Case]:
+    """The entry's cases for the run, keeping only the batch sizes in ``batches`` when given (cases
+    with no batch size are kept)."""
+    cases = benchmark.cases(quick, device)
+    if batches:
+        cases = [c for c in cases if case_batch(c) is None or case_batch(c) in batches]
+    return cases
 
 
 def backend_problem(name: str, device: torch.device) -> Optional[str]:
@@ -206,12 +234,14 @@ def time_variants(prepared: PreparedCase, warmup: int, repeats: int) -> Dict[str
     return timings
 
 
-def make_rows(prepared: PreparedCase, timings: Dict[str, Timing]) -> List[dict]:
-    """One JSON-ready row per timed variant: time, spread, speedups, throughput, error, pass/fail."""
+def make_rows(prepared: PreparedCase, timings: Dict[str, Timing], peak_gbps: Optional[float] = None,
+              datasheet_gbps: Optional[float] = None) -> List[dict]:
+    """One JSON-ready row per timed variant: time, spread, speedups, throughput, error, pass/fail.
+    ``peak_gbps`` is the measured copy bandwidth of the device (the roofline's ceiling),
+    ``datasheet_gbps`` the vendor's figure; either may be None."""
     benchmark, case = prepared.benchmark, prepared.case
     itemsize = torch.empty((), dtype=prepared.dtype).element_size()
     min_bytes, flops = benchmark.min_bytes(case, itemsize), benchmark.flops(case)
-    peak_gbps = peak_memory_gbps(prepared.device)
     eager_s = timings[EAGER].median_s if EAGER in timings else None
     compiled_s = timings[COMPILED].median_s if COMPILED in timings else None
     rows = []
@@ -234,6 +264,7 @@ def make_rows(prepared: PreparedCase, timings: Dict[str, Timing]) -> List[dict]:
             "gflops": flops / seconds / 1e9 if flops else None,
             "images_per_s": case.params["batch"] / seconds if "batch" in case.params else None,
             "peak_memory_pct": 100 * gbps / peak_gbps if gbps and peak_gbps else None,
+            "datasheet_memory_pct": 100 * gbps / datasheet_gbps if gbps and datasheet_gbps else None,
             # JSON has no infinity: a non-finite or misshapen output is stored as null and fails.
             "max_abs_error": error if math.isfinite(error) else None, "tolerance": prepared.tolerance,
             "passed": error <= prepared.tolerance,

@@ -1,0 +1,67 @@
+"""The GPU runbook, as far as a machine without a GPU can check it: its steps and the clean refusal."""
+
+import tarfile
+
+import pytest
+import torch
+
+from fastvit_kernels.bench import REGISTRY, runbook
+
+
+def test_dry_run_lists_every_step(capsys):
+    assert runbook.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for step in ("nvidia-smi", "build", "info", "tests", "bench-models"):
+        assert f"\n{step}: up to" in out, step
+    for name, entry in REGISTRY.items():  # a newly registered op gets its own benchmark step
+        assert (f"bench-{name}:" in out) == (entry.kind == "op"), name
+    assert "--junitxml=" in out and "--dtype float32 float16 bfloat16" in out and "--device cuda" in out
+
+
+def test_steps_fit_the_budget():
+    steps = runbook.make_steps(runbook.ROOT / "bench" / "results" / "x", build=True)
+    assert sum(s.min_s for s in steps) < 540
+    # Each step's time leaves the later ones their minimum.
+    for i in range(len(steps)):
+        assert runbook._timeout(steps, i, 540) + sum(s.min_s for s in steps[i + 1:]) <= 540
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_no_gpu_is_a_clear_error(tmp_path, capsys):
+    assert runbook.main(["--out-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_junit_counts(tmp_path):
+    xml = tmp_path / "t.xml"
+    xml.write_text('<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+                   '<testcase classname="tests.a" name="ok"/><testcase classname="tests.a" name="bad">'
+                   '<failure message="x"/></testcase><testcase classname="tests.a" name="s"><skipped/></testcase>'
+                   '</testsuite></testsuites>')
+    counts = runbook.junit_counts(xml)
+    assert (counts["tests"], counts["failures"], counts["skipped"]) == (3, 1, 1)
+    assert counts["failed"] == ["tests.a::bad"]
+
+
+def test_steps_run_with_time_limits_into_one_folder(tmp_path, monkeypatch):
+    """The runbook's driving on stand-in steps: logs, a step stopped at its limit, summary, archive."""
+    py = runbook.PY
+    steps = [runbook.Step("hello", [py, "-c", "import os; print('hello', os.environ.get('TRITON_INTERPRET'))"],
+                          30, 1, "hello.log"),
+             runbook.Step("slow", [py, "-c", "import time; time.sleep(60)"], 2, 1, "slow.log")]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(runbook, "make_steps", lambda folder, build: steps)
+    monkeypatch.setattr(runbook, "device_slug", lambda: "cuda-stand-in")
+    monkeypatch.setattr(runbook, "extension_has_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")
+    archive = tmp_path / "out" / "gpu.tar.gz"
+    assert runbook.main(["--out-root", str(tmp_path), "--budget", "60", "--archive", str(archive)]) == 1
+    (folder,) = tmp_path.glob("cuda-stand-in-*")
+    assert (folder / "hello.log").read_text() == "hello None\n"  # TRITON_INTERPRET removed
+    text = (folder / "summary.md").read_text()
+    assert "Stand-in GPU" in text and "| hello | ok |" in text and "| slow | timed out after 2 s |" in text
+    with tarfile.open(archive) as tar:
+        assert {f"{folder.name}/summary.md", f"{folder.name}/hello.log"} <= set(tar.getnames())
