@@ -97,7 +97,7 @@ def _vit_family_benchmark(name: str, module: str, cls: str, kwargs: dict, input_
     return Benchmark(name=name, summary=f"vit-pytorch {cls} vs fastvit_kernels.models.vit_family.{cls}",
                      cases=cases, build_module=build_module, make_input=make_input, fuse=fuse,
                      min_bytes=lambda case, itemsize: None, flops=lambda case: None, in_quick_run=False,
-                     warmup=MODEL_WARMUP, repeats=MODEL_REPEATS)
+                     warmup=MODEL_WARMUP, repeats=MODEL_REPEATS, kind="model")
 
 
 for _name, (_module, _cls, _kwargs, _input_size) in VIT_FAMILY_BENCHMARKS.items():
