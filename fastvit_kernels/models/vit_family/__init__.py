@@ -7,5 +7,7 @@ same state_dict keys, so weights trained with ``vit-pytorch`` load unchanged; at
 """
 
 from .vit import ViT
+from .deepvit import DeepViT
 
 __all__ = ["ViT"]
+__all__ += ["DeepViT"]

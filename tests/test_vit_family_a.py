@@ -1,0 +1,154 @@
+"""vit-pytorch's DeepViT, CaiT, DistillableViT + DistillWrapper and MobileViT on the fused ops, against
+vit_pytorch's classes with the same weights (and ViT under torch.compile).
+
+Each model: same state_dict keys in the same order, vit_pytorch's weights load strictly, same output in
+eval and in train (dropout 0) per backend, same input and parameter gradients, clear errors for bad
+images. A backend is skipped for a model only while an op the model runs has no implementation on it
+(the skip names the op).
+"""
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import vit_pytorch.cait
+import vit_pytorch.deepvit
+import vit_pytorch.distill
+import vit_pytorch.mobile_vit
+import vit_pytorch.vit
+
+import fastvit_kernels as fk
+from fastvit_kernels.models import vit_family
+from fastvit_kernels.ops import implementations
+from helpers import BACKENDS, assert_close
+
+RTOL, ATOL = 1e-5, 1e-5  # fp32 train-mode comparisons (same math, different summation order)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread is faster than several fighting over busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def require(backend, *ops):
+    """Skip while one of ``ops`` has no ``backend`` implementation (the reason names the op)."""
+    impls = implementations()
+    missing = [op for op in ops if backend not in impls[op]]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} has no {backend} implementation yet")
+
+
+def build(ref_cls, ours_cls, *args, seed=0, **kwargs):
+    """vit_pytorch's model with seeded weights, and ours loaded from its state_dict (strict)."""
+    torch.manual_seed(seed)
+    ref = ref_cls(*args, **kwargs)
+    ours = ours_cls(*args, **kwargs)
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
+        (k, v.shape) for k, v in ref.state_dict().items()]
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def run(module, x, backend, **kwargs):
+    with fk.use_backend(backend):
+        return module(x, **kwargs)
+
+
+def check_eval(ref, ours, x, backend, what):
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        ref64 = copy.deepcopy(ref).double()(x.double())
+        assert_close(run(ours, x, backend), ref64, ref(x), f"{what} {backend} eval")
+
+
+def check_train(ref, ours, x, backend, what):
+    """Train mode: same output, input gradient and every parameter's gradient (and BN statistics)."""
+    ref.train(), ours.train()
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref = ref(x_ref)
+    out = run(ours, x_ours, backend)
+    torch.testing.assert_close(out, out_ref, rtol=RTOL, atol=ATOL, msg=f"{what} {backend} train output")
+    grad = torch.randn_like(out_ref)
+    out_ref.backward(grad)
+    with fk.use_backend(backend):
+        out.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-4, atol=1e-5, msg=f"{what} input grad")
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-5, msg=f"{what} {name}")
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in ours.named_buffers():
+        torch.testing.assert_close(b, ref_buffers[name], msg=f"{what} {name}")
+
+
+def image(batch=2, channels=3, size=32):
+    return torch.randn(batch, channels, *(size if isinstance(size, tuple) else (size, size)))
+
+
+def check_bad_images(model, channels, size, bad_size, divisible_msg):
+    with pytest.raises(ValueError, match=rf"expected images \[B, {channels}, H, W\]"):
+        model(image(2, channels + 1, size))
+    with pytest.raises(ValueError, match=divisible_msg):
+        model(image(2, channels, bad_size))
+
+
+def compiles_without_graph_breaks(ours, ref, x):
+    """fullgraph=True: any graph break is an error."""
+    torch._dynamo.reset()
+    ours.eval(), ref.eval()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), rtol=RTOL, atol=ATOL)
+
+
+# --------------------------------------------------------------------------------------------------
+# ViT (the model is in vit.py): torch.compile
+# --------------------------------------------------------------------------------------------------
+
+VIT = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, mlp_dim=64, dim_head=16)
+
+
+def test_vit_compiles_without_graph_breaks():
+    ref, ours = build(vit_pytorch.vit.ViT, vit_family.ViT, **VIT)
+    compiles_without_graph_breaks(ours, ref, image())
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepViT: re-attention on head_mixing_attention
+# --------------------------------------------------------------------------------------------------
+
+DEEPVIT = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=4, mlp_dim=64, dim_head=16)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deepvit_matches_vit_pytorch(backend, pool):
+    require(backend, "head_mixing_attention")
+    ref, ours = build(vit_pytorch.deepvit.DeepViT, vit_family.DeepViT, **DEEPVIT, pool=pool)
+    x = image()
+    check_eval(ref, ours, x, backend, "DeepViT")
+    check_train(ref, ours, x, backend, "DeepViT")
+
+
+def test_deepvit_attention_dropout_matches_vit_pytorch():
+    """With attention dropout active the map is written out: same random draws, same output."""
+    ref, ours = build(vit_pytorch.deepvit.DeepViT, vit_family.DeepViT, **DEEPVIT, dropout=0.2, emb_dropout=0.1)
+    ref.train(), ours.train()
+    x = image()
+    torch.manual_seed(1)
+    out_ref = ref(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours(x), out_ref, rtol=RTOL, atol=ATOL)
+
+
+def test_deepvit_bad_input():
+    ours = vit_family.DeepViT(**DEEPVIT).eval()
+    check_bad_images(ours, 3, 32, 30, "image size 30x30 is not divisible by the patch size 8x8")
+    with pytest.raises(ValueError, match="image_size 30x30 must be divisible by patch_size 8x8"):
+        vit_family.DeepViT(**{**DEEPVIT, "image_size": 30})
