@@ -152,3 +152,55 @@ def test_deepvit_bad_input():
     check_bad_images(ours, 3, 32, 30, "image size 30x30 is not divisible by the patch size 8x8")
     with pytest.raises(ValueError, match="image_size 30x30 must be divisible by patch_size 8x8"):
         vit_family.DeepViT(**{**DEEPVIT, "image_size": 30})
+
+
+# --------------------------------------------------------------------------------------------------
+# CaiT: talking heads (self and class attention) on head_mixing_attention
+# --------------------------------------------------------------------------------------------------
+
+CAIT = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, cls_depth=2, heads=4, mlp_dim=64,
+            dim_head=16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cait_matches_vit_pytorch(backend):
+    require(backend, "head_mixing_attention")
+    ref, ours = build(vit_pytorch.cait.CaiT, vit_family.CaiT, **CAIT)
+    x = image()
+    check_eval(ref, ours, x, backend, "CaiT")
+    check_train(ref, ours, x, backend, "CaiT")
+
+
+def test_cait_dropouts_match_vit_pytorch():
+    """Training with attention dropout and layer dropout: the same seeds drop the same elements and
+    layers (vit-pytorch's draws: torch's generator, and Python's random when every layer dropped)."""
+    ref, ours = build(vit_pytorch.cait.CaiT, vit_family.CaiT, **{**CAIT, "depth": 3}, dropout=0.2,
+                      emb_dropout=0.1, layer_dropout=0.5)
+    ref.train(), ours.train()
+    x = image()
+    for seed in range(4):
+        torch.manual_seed(seed), random.seed(seed)
+        out_ref = ref(x)
+        torch.manual_seed(seed), random.seed(seed)
+        torch.testing.assert_close(ours(x), out_ref, rtol=RTOL, atol=ATOL, msg=f"seed {seed}")
+
+
+def test_cait_layer_dropout_is_off_in_eval():
+    """Unlike vit-pytorch, which drops layers in eval too, eval runs every layer (deterministic)."""
+    ref, ours = build(vit_pytorch.cait.CaiT, vit_family.CaiT, **CAIT, layer_dropout=0.5)
+    ref.layer_dropout = 0.0
+    ref.patch_transformer.layer_dropout = ref.cls_transformer.layer_dropout = 0.0
+    x = image()
+    check_eval(ref, ours, x, "reference", "CaiT layer_dropout=0.5")
+
+
+def test_cait_compiles_without_graph_breaks():
+    ref, ours = build(vit_pytorch.cait.CaiT, vit_family.CaiT, **CAIT)
+    compiles_without_graph_breaks(ours, ref, image())
+
+
+def test_cait_bad_input():
+    ours = vit_family.CaiT(**CAIT).eval()
+    check_bad_images(ours, 3, 32, (32, 36), "image size 32x36 is not divisible by the patch size 8x8")
+    with pytest.raises(ValueError, match="image_size 36x36 must be divisible by patch_size 8x8"):
+        vit_family.CaiT(**{**CAIT, "image_size": 36})

@@ -8,6 +8,8 @@ same state_dict keys, so weights trained with ``vit-pytorch`` load unchanged; at
 
 from .vit import ViT
 from .deepvit import DeepViT
+from .cait import CaiT
 
 __all__ = ["ViT"]
 __all__ += ["DeepViT"]
+__all__ += ["CaiT"]
