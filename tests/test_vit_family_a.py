@@ -204,3 +204,72 @@ def test_cait_bad_input():
     check_bad_images(ours, 3, 32, (32, 36), "image size 32x36 is not divisible by the patch size 8x8")
     with pytest.raises(ValueError, match="image_size 36x36 must be divisible by patch_size 8x8"):
         vit_family.CaiT(**{**CAIT, "image_size": 36})
+
+
+# --------------------------------------------------------------------------------------------------
+# DistillableViT + DistillWrapper (DeiT): the student's attention on patch_attention
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distillable_vit_matches_vit_pytorch(backend, pool):
+    require(backend, "patch_attention")
+    ref, ours = build(vit_pytorch.distill.DistillableViT, vit_family.DistillableViT, **VIT, pool=pool)
+    x = image()
+    check_eval(ref, ours, x, backend, "DistillableViT")
+    check_train(ref, ours, x, backend, "DistillableViT")
+    token = torch.randn(1, VIT["dim"])
+    with torch.no_grad():
+        for a, b in zip(run(ours, x, backend, distill_token=token), ref(x, distill_token=token)):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    vit = ours.to_vit()
+    assert type(vit) is vit_family.ViT
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), ref(x), rtol=RTOL, atol=ATOL)
+
+
+def distill_pair(hard, mlp_layernorm, **kwargs):
+    torch.manual_seed(1)
+    teacher = vit_pytorch.vit.ViT(**{**VIT, "dim": 48, "heads": 3})
+    ref_student, student = build(vit_pytorch.distill.DistillableViT, vit_family.DistillableViT, **VIT)
+    torch.manual_seed(2)
+    ref = vit_pytorch.distill.DistillWrapper(teacher=teacher, student=ref_student, hard=hard,
+                                             mlp_layernorm=mlp_layernorm, **kwargs)
+    ours = vit_family.DistillWrapper(teacher=copy.deepcopy(teacher), student=student, hard=hard,
+                                     mlp_layernorm=mlp_layernorm, **kwargs)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.parametrize("hard,mlp_layernorm", [(False, False), (True, False), (False, True)],
+                         ids=["soft", "hard", "soft-layernorm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distill_wrapper_same_loss_and_gradients(backend, hard, mlp_layernorm):
+    require(backend, "patch_attention")
+    ref, ours = distill_pair(hard, mlp_layernorm, temperature=2.0, alpha=0.3)
+    x, labels = image(), torch.tensor([3, 7])
+    loss_ref = ref(x, labels)
+    loss = run(ours, x, backend, labels=labels)
+    torch.testing.assert_close(loss, loss_ref, rtol=RTOL, atol=ATOL)
+    loss_ref.backward()
+    with fk.use_backend(backend):
+        loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        if name.startswith("teacher."):
+            assert p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The call-time temperature and alpha override the constructor's.
+    with torch.no_grad():
+        torch.testing.assert_close(run(ours, x, backend, labels=labels, temperature=0.5, alpha=0.9),
+                                   ref(x, labels, temperature=0.5, alpha=0.9), rtol=RTOL, atol=ATOL)
+
+
+def test_distill_bad_input():
+    ours = vit_family.DistillableViT(**VIT).eval()
+    check_bad_images(ours, 3, 32, 20, "image size 20x20 is not divisible by the patch size 8x8")
+    with pytest.raises(TypeError, match="student must be a fastvit_kernels DistillableViT, got ViT"):
+        vit_family.DistillWrapper(teacher=nn.Identity(), student=vit_family.ViT(**VIT))
