@@ -7,5 +7,13 @@ same state_dict keys, so weights trained with ``vit-pytorch`` load unchanged; at
 """
 
 from .vit import ViT
+from .deepvit import DeepViT
+from .cait import CaiT
+from .distill import DistillableViT, DistillWrapper
+from .mobile_vit import MobileViT
 
 __all__ = ["ViT"]
+__all__ += ["DeepViT"]
+__all__ += ["CaiT"]
+__all__ += ["DistillableViT", "DistillWrapper"]
+__all__ += ["MobileViT"]
