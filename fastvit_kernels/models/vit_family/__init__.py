@@ -9,3 +9,10 @@ same state_dict keys, so weights trained with ``vit-pytorch`` load unchanged; at
 from .vit import ViT
 
 __all__ = ["ViT"]
+
+from .cross_vit import CrossViT  # noqa: E402
+from .cvt import CvT  # noqa: E402
+from .pit import PiT  # noqa: E402
+from .t2t import T2TViT  # noqa: E402
+
+__all__ += ["CrossViT", "CvT", "PiT", "T2TViT"]
