@@ -1,4 +1,4 @@
-"""T2TViT, CrossViT, PiT and CvT on the fused ops against vit-pytorch's classes with the same weights."""
+"""T2TViT, CrossViT, PiT, CvT and LeViT on the fused ops against vit-pytorch's classes with the same weights."""
 
 import copy
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ from fastvit_kernels.ops import implementations
 from helpers import BACKENDS, DEVICE, INTERPRETED, assert_close
 
 vit_pytorch = pytest.importorskip("vit_pytorch")
-from vit_pytorch import cross_vit, cvt, pit, t2t  # noqa: E402
+from vit_pytorch import cross_vit, cvt, levit, pit, t2t  # noqa: E402
 
 
 @dataclass
@@ -54,6 +54,11 @@ CASES = {
                 dict(num_classes=5, s1_emb_dim=16, s1_depth=1, s2_emb_dim=24, s2_heads=2, s2_depth=1,
                      s3_emb_dim=32, s3_heads=2, s3_depth=1),
                 48, ("dwconv_bn_act", "attention")),
+    # 64 x 64 images: feature maps 4x4 -> 2x2 -> 1x1, two downsampling attentions (stride-2 queries).
+    "LeViT": Case(vit_family.LeViT, levit.LeViT,
+                  dict(image_size=64, num_classes=5, dim=(16, 24, 32), depth=1, heads=(2, 2, 2), mlp_mult=2,
+                       dim_key=8, dim_value=16),
+                  64, ("bias_attention",), tiny=True),
 }
 # "auto": no backend asked for, each op takes the first one that serves it (what users get).
 MODEL_BACKENDS = ["auto"] + BACKENDS
@@ -73,9 +78,10 @@ def skip_unless_runs(case: Case, backend: str) -> None:
 
 
 def build(case: Case):
-    """vit-pytorch's model with seeded weights and ours with those weights loaded (strict)."""
+    """vit-pytorch's model with seeded weights (BatchNorms randomized: LeViT zero-inits some weights)
+    and ours with those weights loaded (strict)."""
     torch.manual_seed(0)
-    ref = case.ref(**case.kwargs).to(DEVICE)
+    ref = randomize_batchnorms(case.ref(**case.kwargs).to(DEVICE))
     ours = case.ours(**case.kwargs).to(DEVICE)
     ours.load_state_dict(ref.state_dict())
     return ours, ref
@@ -130,8 +136,6 @@ def test_eval_matches_vit_pytorch(name, backend):
     case = CASES[name]
     skip_unless_runs(case, backend)
     ours, ref = build(case)
-    randomize_batchnorms(ref)
-    ours.load_state_dict(ref.state_dict())
     ours.eval(), ref.eval()
     x = images(case)
     with torch.no_grad():
@@ -230,6 +234,7 @@ def test_wrong_channel_count_is_a_clear_error(name):
     ("PiT", 18, r"image size 18x18 is not divisible by the patch size 4x4"),
     ("PiT", 32, r"more patches than the positional embedding"),
     ("T2TViT", 64, r"more than the positional embedding"),
+    ("LeViT", 72, r"image size 72x72 gives a 5x5 feature map; the positional bias is made for 4x4"),
 ])
 def test_bad_image_size_is_a_clear_error(name, size, message):
     case = CASES[name]
@@ -251,3 +256,27 @@ def test_non_square_images_and_bad_constructor_arguments_are_clear_errors():
         vit_family.PiT(**dict(CASES["PiT"].kwargs, depth=2))
     with pytest.raises(ValueError, match="pool must be 'cls' or 'mean'"):
         vit_family.T2TViT(**dict(CASES["T2TViT"].kwargs, pool="max"))
+
+
+def test_levit_distill_head_and_train_mode_dropout_path():
+    """With num_distill_classes LeViT returns (logits, distill logits); attention dropout in training takes
+    the written-out path (vit-pytorch's numbers under the same random state)."""
+    kwargs = dict(CASES["LeViT"].kwargs, num_distill_classes=3)
+    torch.manual_seed(0)
+    ref = randomize_batchnorms(levit.LeViT(**kwargs).to(DEVICE)).eval()
+    ours = vit_family.LeViT(**kwargs).to(DEVICE).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = images(CASES["LeViT"])
+    with torch.no_grad():
+        for a, b in zip(ours(x), ref(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    kwargs["dropout"] = 0.5
+    torch.manual_seed(0)
+    ref = levit.LeViT(**kwargs).to(DEVICE).train()
+    ours = vit_family.LeViT(**kwargs).to(DEVICE).train()
+    ours.load_state_dict(ref.state_dict())
+    torch.manual_seed(1)
+    out = ours(x)
+    torch.manual_seed(1)
+    for a, b in zip(out, ref(x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

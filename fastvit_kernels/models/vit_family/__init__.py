@@ -16,3 +16,6 @@ from .pit import PiT  # noqa: E402
 from .t2t import T2TViT  # noqa: E402
 
 __all__ += ["CrossViT", "CvT", "PiT", "T2TViT"]
+from .levit import LeViT  # noqa: E402
+
+__all__ += ["LeViT"]
