@@ -23,7 +23,7 @@ from torch import Tensor
 from ..ops.dwconv_bn_act import dwconv_bn_act
 from ..ops.xca_attention import xca_attention
 from .conv_bn_act import Unsupported, dwconv_kernel_mismatch
-from .patch_transformer import Mlp, drop_path
+from .patch_transformer import Mlp, add_residual, can_overwrite, drop_path, scale_
 
 
 def depthwise_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -188,12 +188,13 @@ class FusedSDTABlock(nn.Module):
             sp = depthwise_conv(sp if i == 0 else sp + chunks[i], conv)
             outs.append(sp)
         outs.append(chunks[-1])
-        t = _tokens(torch.cat(outs, 1))  # [B, H, W, C]
+        t = _tokens(torch.cat(outs, 1))  # [B, H, W, C], a fresh tensor: in inference it is updated in place
         if self.pos_embd is not None:
-            t = t + self.pos_embd(t.shape[1], t.shape[2])
-        t = t + drop_path(_scale(self.gamma_xca, self.xca(self.norm_xca(t))), self.drop_path, self.training)
-        t = _scale(self.gamma, self.mlp(self.norm(t)))
-        return shortcut + drop_path(t.permute(0, 3, 1, 2), self.drop_path, self.training)
+            pos = self.pos_embd(t.shape[1], t.shape[2])
+            t = t.add_(pos) if can_overwrite(t) else t + pos
+        t = add_residual(t, scale_(self.gamma_xca, self.xca(self.norm_xca(t))), self.drop_path, self.training)
+        t = scale_(self.gamma, self.mlp(self.norm(t)))
+        return add_residual(shortcut, t.permute(0, 3, 1, 2), self.drop_path, self.training)
 
 
 class FusedConvBlock(nn.Module):

@@ -47,6 +47,31 @@ def add_residual(shortcut: Tensor, branch: Tensor, p: float, training: bool) -> 
     return branch.add_(shortcut)
 
 
+# Activations that have an in-place form, and how to call it with the module's settings.
+_IN_PLACE = {
+    nn.GELU: lambda act, t: torch.ops.aten.gelu_(t, approximate=act.approximate),
+    nn.SiLU: lambda act, t: torch.nn.functional.silu(t, inplace=True),
+    nn.ReLU: lambda act, t: torch.relu_(t),
+    nn.Hardswish: lambda act, t: torch.nn.functional.hardswish(t, inplace=True),
+}
+
+
+def activate(act: nn.Module, t: Tensor) -> Tensor:
+    """``act(t)`` for a fresh intermediate ``t``: in place when nothing else reads ``t`` (inference),
+    which saves a buffer as large as the MLP's hidden layer."""
+    in_place = _IN_PLACE.get(type(act))
+    return in_place(act, t) if in_place is not None and can_overwrite(t) else act(t)
+
+
+def scale_(gamma: Optional[Tensor], t: Tensor) -> Tensor:
+    """Layer scale ``gamma * t`` for a fresh intermediate ``t``, in place in inference."""
+    if gamma is None:
+        return t
+    if torch.is_grad_enabled() and (t.requires_grad or gamma.requires_grad):
+        return gamma * t
+    return t.mul_(gamma)
+
+
 def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -84,7 +109,7 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        return self.drop2(self.fc2(self.drop1(activate(self.act, self.fc1(x)))))
 
 
 class PatchTransformerBlock(nn.Module):
@@ -145,5 +170,5 @@ class PatchTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[B, H, W, C]`` tokens in image order, H and W multiples of the patch size."""
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = add_residual(x, self.attn(self.norm1(x)), self.drop_path, self.training)
+        return add_residual(x, self.mlp(self.norm2(x)), self.drop_path, self.training)
