@@ -59,8 +59,10 @@ def bias_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, resolution: U
     """
     if isinstance(resolution, int):
         resolution = (resolution, resolution)
-    return torch.ops.fastvit_kernels.bias_attention(q, k, v, table, [int(r) for r in resolution], stride, scale,
-                                                    activation)
+    args = (q, k, v, table, [int(r) for r in resolution], stride, scale, activation)
+    if backends.direct_call(q, k, v, table):  # eager inference: the same work without the dispatcher
+        return _forward(*args)
+    return torch.ops.fastvit_kernels.bias_attention(*args)
 
 
 def query_grid(resolution: Sequence[int], stride: int) -> Tuple[int, int]:
@@ -249,8 +251,7 @@ IMPLEMENTATIONS = (
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastvit_kernels::bias_attention", mutates_args=())
-def _bias_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, resolution: List[int], stride: int,
+def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, resolution: List[int], stride: int,
                     scale: Optional[float], activation: str) -> Tensor:
     check_inputs(q, k, v, table, resolution, stride, scale, activation)
     out = new_output(q, v)
@@ -259,6 +260,9 @@ def _bias_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, resolution: 
     backends.run("bias_attention", IMPLEMENTATIONS, q.device, q, k, v, table, tuple(resolution), stride,
                  resolve_scale(q, scale), ACTIVATIONS[activation], out)
     return out
+
+
+_bias_attention = torch.library.custom_op("fastvit_kernels::bias_attention", _forward, mutates_args=())
 
 
 @_bias_attention.register_fake

@@ -45,6 +45,8 @@ def xca_attention(qkv: Tensor, num_heads: int, temperature: Tensor, eps: float =
     Same as timm's core of ``CrossCovarianceAttn`` / ``XCA``: see the module docstring for the
     equivalent PyTorch. Differentiable in ``qkv`` and ``temperature``.
     """
+    if backends.direct_call(qkv, temperature):  # eager inference: the same work without the dispatcher
+        return _forward(qkv, num_heads, temperature, eps)
     return torch.ops.fastvit_kernels.xca_attention(qkv, num_heads, temperature, eps)
 
 
@@ -191,8 +193,7 @@ IMPLEMENTATIONS = (
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastvit_kernels::xca_attention", mutates_args=())
-def _xca_attention(qkv: Tensor, num_heads: int, temperature: Tensor, eps: float) -> Tensor:
+def _forward(qkv: Tensor, num_heads: int, temperature: Tensor, eps: float) -> Tensor:
     check_inputs(qkv, num_heads, temperature, eps)
     out = new_output(qkv)
     if out.numel() == 0:
@@ -200,6 +201,9 @@ def _xca_attention(qkv: Tensor, num_heads: int, temperature: Tensor, eps: float)
     backends.run("xca_attention", IMPLEMENTATIONS, qkv.device, qkv, num_heads,
                  kernel_temperature(temperature, qkv.dtype), float(eps), out)
     return out
+
+
+_xca_attention = torch.library.custom_op("fastvit_kernels::xca_attention", _forward, mutates_args=())
 
 
 @_xca_attention.register_fake
