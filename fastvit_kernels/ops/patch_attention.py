@@ -171,7 +171,7 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, scale:
 # the head dim (K and V are gathered into heap buffers), so every head dim is served.
 CUDA_MAX_HEAD_DIM = 128
 HEAD_DIM_LIMITS = {"triton": "head dims <= 128", "cuda": f"head dims <= {CUDA_MAX_HEAD_DIM}",
-                   "cpu": "any head dim", "reference": "any head dim"}
+                   "cpu": "any head dim", "reference": "any head dim (cuda tensors beyond 128: T2T-ViT's 147, 1323)"}
 
 
 def qkv_views(qkv: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:

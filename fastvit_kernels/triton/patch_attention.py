@@ -67,7 +67,9 @@ def _tiles(dtype: torch.dtype, d_pad: int, vec: int) -> Tuple[Tile, ...]:
         return (Tile(32, 32 if d_pad <= 32 else 16, 8 if (vec, d_pad) == (1, 128) else 4),)
     if vec == 1:
         return ({16: Tile(64, 64, 4), 32: Tile(64, 64, 4), 64: Tile(64, 32, 4), 128: Tile(32, 16, 4)}[d_pad],)
-    return (Tile(64, 64 if d_pad <= 64 else 32, 4), Tile(16, 16, 1 if d_pad <= 64 else 2))
+    # d_pad 16 takes 32-key blocks: 64 x 64 spilled one register across the key loop on sm_80 once
+    # q, k and v had their own strides (ptxas held the tile at 80 registers).
+    return (Tile(64, 64 if 16 < d_pad <= 64 else 32, 4), Tile(16, 16, 1 if d_pad <= 64 else 2))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -129,7 +131,6 @@ def _patch_attention_fwd_kernel(
     q_seq = tl.multiple_of(q_ptr + (b64 * sq_b + head * sq_n + py * sq_h + px * sq_w), VEC * ITEM_BYTES)
     k_seq = tl.multiple_of(k_ptr + (b64 * sk_b + head * sk_n + py * sk_h + px * sk_w), VEC * ITEM_BYTES)
     v_seq = tl.multiple_of(v_ptr + (b64 * sv_b + head * sv_n + py * sv_h + px * sv_w), VEC * ITEM_BYTES)
-    o_seq = tl.multiple_of(out_ptr + (b64 * so_b + head * so_n + py * so_h + px * so_w), VEC * ITEM_BYTES)
 
     # Channels: runs of VEC contiguous, VEC-aligned offsets, so each thread loads VEC channels with
     # one instruction. The head-dim masks are constant over each run (d and dv are multiples of VEC),
@@ -181,6 +182,9 @@ def _patch_attention_fwd_kernel(
         row_max = new_max
 
     o = acc / row_sum[:, None]
+    # The output's base is formed here, not with the others: held across the key loop, it cost a
+    # spilled register in the 64 x 64 fp16 tiles on sm_80.
+    o_seq = tl.multiple_of(out_ptr + (b64 * so_b + head * so_n + py * so_h + px * so_w), VEC * ITEM_BYTES)
     o_tok = tl.multiple_of((m // q_cols) * (ph * so_h) + (m % q_cols) * (pw * so_w), VEC)
     tl.store(o_seq + o_tok[:, None] + o_chan[None, :], o.to(out_ptr.dtype.element_ty),
              mask=m_in[:, None] & dv_in[None, :])
