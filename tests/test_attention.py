@@ -163,6 +163,18 @@ def test_backward_matches_reference(backend, shape, layout):
         assert_close(t.grad, r64.grad, r32.grad, f"grad {name} ({backend})")
 
 
+def test_extension_kernels_take_t2t_head_dims():
+    """The C++ kernels compute any head dim (the limit is the dispatch's): called directly."""
+    if fk.backends.load_error(DEVICE.type):
+        pytest.skip(fk.backends.load_error(DEVICE.type))
+    impl = {i.backend: i for i in op_module.CROSS_IMPLEMENTATIONS}[DEVICE.type]
+    for shape in T2T_SHAPES:
+        q, k, v = make_qkv(*shape)
+        out = torch.full((1, shape[2], shape[-1]), float("nan"), device=DEVICE)
+        impl.run(q, k, v, shape[4] ** -0.5, out)
+        assert_close(out, eager(q, k, v, dtype=torch.float64), eager(q, k, v), _shape_id(shape))
+
+
 def test_backward_t2t_head_dim():
     q, k, v = make_qkv(*T2T_SHAPES[1], requires_grad=True)
     grad = torch.randn(1, 9, 1323, device=DEVICE)
@@ -213,8 +225,7 @@ def test_matches_patch_attention_with_a_1x1_patch(backend):
 
 @pytest.mark.parametrize("shape", T2T_SHAPES, ids=_shape_id)
 def test_t2t_head_dims_run_with_no_preference(shape):
-    """147 and 1323 (one head) run with the automatic choice: the cpu kernel on CPU tensors, the
-    reference on CUDA tensors (both over the triton and cuda kernels' 128)."""
+    """147 and 1323 (one head) run with the automatic choice: on the reference (over every kernel's 128)."""
     q, k, v = make_qkv(*shape)
     with fk.use_backend(None):
         out = fk.attention(q, k, v)
@@ -223,7 +234,8 @@ def test_t2t_head_dims_run_with_no_preference(shape):
 
 @pytest.mark.parametrize("backend, head_dim, message", [
     ("triton", 147, "head_dim 147 is not supported by the Triton kernel"),
-    ("cuda", 1323, "the CUDA kernel serves head dims <= 128"),
+    ("cuda", 1323, "the cuda kernel serves head dims <= 128"),
+    ("cpu", 147, "the cpu kernel serves head dims <= 128"),
 ])
 def test_kernels_refuse_head_dims_over_their_limit(backend, head_dim, message):
     impl = {i.backend: i for i in op_module.CROSS_IMPLEMENTATIONS}[backend]

@@ -16,7 +16,9 @@
 //      lane, then across lanes);
 //   3. out[kRows, dv] = P V in register tiles of kRows x one vector of channels (value_tile), scaled by
 //      1 / sum at the store.
-// Any head dims: the tile is kRows x one vector whatever d and dv (the buffers are on the heap).
+// Any head dims: the tile is kRows x one vector whatever d and dv (the buffers are on the heap); the
+// Python dispatch sends head dims above 128 to the reference, whose matmuls are faster there (K and
+// V no longer stay in cache across tiles; numbers in fastvit_kernels/ops/patch_attention.py).
 // Inputs whose channels are not contiguous (a channel stride of q, k or v != 1) take the CUDA
 // kernel's per-row function, patch_attention_row, instead: that keeps the CUDA math under the CPU tests.
 #include <ATen/Dispatch.h>

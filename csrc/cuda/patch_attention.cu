@@ -23,7 +23,7 @@ namespace {
 // unless the compiler keeps it in registers). Value head dims above this are covered in chunks, each
 // recomputing the row's scores: any head dim works, the common ones (16..64) in one pass; the Python
 // dispatch sends head dims above 128 (three or more passes) to the reference instead
-// (fastvit_kernels/ops/patch_attention.py, CUDA_MAX_HEAD_DIM).
+// (fastvit_kernels/ops/patch_attention.py, MAX_HEAD_DIM).
 constexpr int kChunk = 64;
 
 // Grid-stride loop over (sequence, head, query) with the query innermost, 64-bit indices.

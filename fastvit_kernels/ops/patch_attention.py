@@ -48,8 +48,8 @@ def patch_attention(qkv: Tensor, num_heads: int, patch_size: Union[int, Sequence
     Linear). Same as timm's unfold -> ``Attention`` core -> fold: see the module docstring for the
     equivalent PyTorch. Differentiable in ``qkv``.
 
-    Head dims: the triton and cuda kernels serve ``head_dim <= 128``, the cpu kernel any; larger head
-    dims on CUDA tensors (T2T-ViT's 147 and 1323) run on the reference (``HEAD_DIM_LIMITS``).
+    Head dims: the triton, cuda and cpu kernels serve ``head_dim <= 128``; larger head dims (T2T-ViT's
+    147 and 1323) run on the reference (``HEAD_DIM_LIMITS``, ``python -m fastvit_kernels.info``).
     """
     if isinstance(patch_size, int):
         patch_size = (patch_size, patch_size)
@@ -163,15 +163,18 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, scale:
 # separate q, k, v and out views [B, heads, H, W, d] (the same kernels serve cross attention below).
 # --------------------------------------------------------------------------------------------------
 
-# Largest head dim (d and dv) each fused backend serves; larger ones go to the reference (matmuls).
-# triton: the [queries, head dim] tiles live in registers, padded to a power of two; 128 is the widest
-# that compiles without spills (tests/test_triton_aot.py). cuda: one thread per query row holds 64
-# accumulators and recomputes the scores for every further 64 channels, so beyond 128 (3+ passes)
-# the reference's cuBLAS matmuls are faster. cpu: the register tile is 8 rows x one vector whatever
-# the head dim (K and V are gathered into heap buffers), so every head dim is served.
-CUDA_MAX_HEAD_DIM = 128
-HEAD_DIM_LIMITS = {"triton": "head dims <= 128", "cuda": f"head dims <= {CUDA_MAX_HEAD_DIM}",
-                   "cpu": "any head dim", "reference": "any head dim (cuda tensors beyond 128: T2T-ViT's 147, 1323)"}
+# Largest head dim (d and dv) each fused backend serves; larger ones go to the reference (its
+# matmuls, float32 for 16-bit inputs). triton: the [queries, head dim] tiles live in registers, padded
+# to a power of two; 128 is the widest that compiles without spills (tests/test_triton_aot.py). cuda:
+# one thread per query row holds 64 accumulators and recomputes the scores for every further 64
+# channels, so beyond 128 (3+ passes) the reference's cuBLAS matmuls are faster. cpu: measured on
+# 2 cores (one head, float32): 3-10x faster than the reference up to 128 (784 tokens: 8 vs 92 ms at
+# d = 64, 24 vs 80 ms at 128), 2-3x slower beyond (T2T-ViT: 1087 vs 484 ms at 3136 tokens, d = 147;
+# 638 vs 196 ms at 784 tokens, d = 1323), where K and V no longer stay in cache across the 8-row tiles.
+# The C++ kernels themselves take any head dim (the limit is the dispatch's).
+MAX_HEAD_DIM = {"triton": 128, "cuda": 128, "cpu": 128}
+HEAD_DIM_LIMITS = {**{b: f"head dims <= {n}" for b, n in MAX_HEAD_DIM.items()},
+                   "reference": "any head dim (serves the larger ones: T2T-ViT's 147, 1323)"}
 
 
 def qkv_views(qkv: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -209,12 +212,15 @@ def _triton_refuses(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
     return f"{reason} (the cuda or reference backend serves it)" if reason else None
 
 
-def _cuda_refuses(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
-    d, dv = q.shape[-1], v.shape[-1]
-    if max(d, dv) > CUDA_MAX_HEAD_DIM:
-        return (f"head dims d={d}, dv={dv}: the CUDA kernel serves head dims <= {CUDA_MAX_HEAD_DIM} "
-                f"(the reference serves larger ones)")
-    return None
+def _extension_refuses(backend: str):
+    def refuses(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+        d, dv = q.shape[-1], v.shape[-1]
+        if max(d, dv) > MAX_HEAD_DIM[backend]:
+            return (f"head dims d={d}, dv={dv}: the {backend} kernel serves head dims <= {MAX_HEAD_DIM[backend]} "
+                    f"(the reference serves larger ones)")
+        return None
+
+    return refuses
 
 
 def _packed(backend: str, kernel, refuses=None) -> backends.Implementation:
@@ -232,8 +238,8 @@ def _packed(backend: str, kernel, refuses=None) -> backends.Implementation:
 # strides; cuda is the fallback where Triton is missing or refuses the input. Head-dim limits above.
 IMPLEMENTATIONS = (
     _packed("triton", _triton_kernel, _triton_refuses),
-    _packed("cuda", _extension_kernel, _cuda_refuses),
-    _packed("cpu", _extension_kernel),
+    _packed("cuda", _extension_kernel, _extension_refuses("cuda")),
+    _packed("cpu", _extension_kernel, _extension_refuses("cpu")),
     backends.Implementation("reference", reference),
 )
 
@@ -311,9 +317,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     Differentiable in ``q``, ``k`` and ``v``.
 
     Runs on patch_attention's kernels (a 1 x 1 patch over separate q, k, v views, no copies), with their
-    limits: triton and cuda serve head dims ``d, dv <= 128`` (float64 not on triton), the cpu kernel any;
-    larger head dims on CUDA tensors (T2T-ViT's 147 and 1323, one head) run on the reference, plain
-    PyTorch matmuls in float32 (``HEAD_DIM_LIMITS``). ``Nq`` and ``Nk`` are independent (CaiT's class
+    limits: triton, cuda and cpu serve head dims ``d, dv <= 128`` (float64 not on triton); larger head
+    dims (T2T-ViT's 147 and 1323, one head) run on the reference, plain PyTorch matmuls in float32
+    (``HEAD_DIM_LIMITS``, ``python -m fastvit_kernels.info``). ``Nq`` and ``Nk`` are independent (CaiT's class
     attention: ``Nq = 1``), and so are ``d`` and ``dv``.
     """
     return torch.ops.fastvit_kernels.attention(q, k, v, scale)
@@ -382,8 +388,8 @@ def _cross(backend: str, kernel, refuses=None) -> backends.Implementation:
 # head-dim limits as patch_attention (HEAD_DIM_LIMITS); dv != d is served by every backend.
 CROSS_IMPLEMENTATIONS = (
     _cross("triton", _triton_kernel, _triton_refuses),
-    _cross("cuda", _extension_kernel, _cuda_refuses),
-    _cross("cpu", _extension_kernel),
+    _cross("cuda", _extension_kernel, _extension_refuses("cuda")),
+    _cross("cpu", _extension_kernel, _extension_refuses("cpu")),
     backends.Implementation("reference", cross_reference),
 )
 
