@@ -18,11 +18,11 @@ void dwconv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
 void dwconv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                         int64_t kernel_size, int64_t stride, int64_t act, const at::Tensor& out);
 #endif
-void patch_attention_cpu(const at::Tensor& qkv, int64_t num_heads, int64_t ph, int64_t pw, double scale,
-                         const at::Tensor& out);
+void patch_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ph, int64_t pw,
+                         double scale, const at::Tensor& out);
 #ifdef WITH_CUDA
-void patch_attention_cuda(const at::Tensor& qkv, int64_t num_heads, int64_t ph, int64_t pw, double scale,
-                          const at::Tensor& out);
+void patch_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ph, int64_t pw,
+                          double scale, const at::Tensor& out);
 #endif
 void xca_attention_cpu(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& temperature, double eps,
                        const at::Tensor& out);
@@ -107,49 +107,78 @@ void dwconv_bn_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, const
 
 // ---- patch_attention ----------------------------------------------------------------------------
 
-void check_patch_attention(const at::Tensor& qkv, int64_t num_heads, int64_t ph, int64_t pw, double scale,
-                           const at::Tensor& out) {
-  constexpr const char* op = "patch_attention_out";
-  TORCH_CHECK(out.device() == qkv.device(), op, ": all tensors must be on one device, got qkv on ",
-              qkv.device(), ", out on ", out.device());
-  const auto dt = qkv.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op,
-              ": qkv must be float32, float16, bfloat16 or float64, got ", dt);
-  TORCH_CHECK(out.scalar_type() == dt, op, ": out must have qkv's dtype ", dt, ", got ", out.scalar_type());
-  TORCH_CHECK(qkv.dim() == 4, op, ": qkv must be 4-D [B, H, W, 3*C] (image order, channels last), got shape ",
-              qkv.sizes());
-  TORCH_CHECK(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads);
-  const int64_t B = qkv.size(0), H = qkv.size(1), W = qkv.size(2), C3 = qkv.size(3);
-  TORCH_CHECK(C3 > 0 && C3 % (3 * num_heads) == 0, op,
-              ": the last dim of qkv must be a positive multiple of 3 * num_heads = ", 3 * num_heads,
-              " (laid out (3, num_heads, head_dim)), got ", C3);
-  TORCH_CHECK(ph >= 1 && pw >= 1, op, ": patch size (ph, pw) must be positive, got (", ph, ", ", pw, ")");
-  TORCH_CHECK(H % ph == 0 && W % pw == 0, op, ": qkv's H x W = ", H, "x", W,
-              " must be multiples of the patch size ", ph, "x", pw);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  TORCH_CHECK(out.dim() == 4 && out.size(0) == B && out.size(1) == H && out.size(2) == W &&
-                  out.size(3) == C3 / 3,
-              op, ": out must have shape [", B, ", ", H, ", ", W, ", ", C3 / 3, "] for qkv of shape ",
-              qkv.sizes(), ", got ", out.sizes());
-  // Every element of out is written once, from values of qkv: out may not overlap itself or qkv.
-  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
-              ": out must not have overlapping elements, got strides ", out.strides());
-  const auto overlap = at::get_overlap_status(out, qkv);
-  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
-              ": out must not share memory with qkv (in-place is not supported)");
+// True when the memory spans of a and b (lowest to highest element address) intersect: a conservative
+// test that also sees through views at::get_overlap_status gives up on (q, k, v are strided views).
+bool spans_intersect(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto span = [](const at::Tensor& t) {
+    int64_t lo = 0, hi = 0;
+    for (int64_t i = 0; i < t.dim(); ++i) (t.stride(i) < 0 ? lo : hi) += (t.size(i) - 1) * t.stride(i);
+    const auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
+    return std::make_pair(base + lo * t.element_size(), base + (hi + 1) * t.element_size());
+  };
+  const auto [a_lo, a_hi] = span(a);
+  const auto [b_lo, b_hi] = span(b);
+  return a_lo < b_hi && b_lo < a_hi;
 }
 
-void patch_attention_out_cpu(const at::Tensor& qkv, int64_t num_heads, int64_t ph, int64_t pw, double scale,
-                             const at::Tensor& out) {
-  check_patch_attention(qkv, num_heads, ph, pw, scale, out);
-  patch_attention_cpu(qkv, num_heads, ph, pw, scale, out);
+void check_patch_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ph, int64_t pw,
+                           double scale, const at::Tensor& out) {
+  constexpr const char* op = "patch_attention_out";
+  for (const at::Tensor* t : {&k, &v, &out}) {
+    TORCH_CHECK(t->device() == q.device(), op, ": all tensors must be on one device, got q on ", q.device(),
+                ", k on ", k.device(), ", v on ", v.device(), ", out on ", out.device());
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op,
+              ": q must be float32, float16, bfloat16 or float64, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": k and v must have q's dtype ", dt,
+              ", got ", k.scalar_type(), " and ", v.scalar_type());
+  TORCH_CHECK(out.scalar_type() == dt, op, ": out must have q's dtype ", dt, ", got ", out.scalar_type());
+  TORCH_CHECK(q.dim() == 5 && k.dim() == 5 && v.dim() == 5 && out.dim() == 5, op,
+              ": q, k, v, out must be 5-D [B, heads, H, W, d] views, got shapes ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes(), ", ", out.sizes());
+  const int64_t B = q.size(0), heads = q.size(1), Hq = q.size(2), Wq = q.size(3), d = q.size(4);
+  const int64_t Hk = k.size(2), Wk = k.size(3), dv = v.size(4);
+  TORCH_CHECK(heads >= 1 && d >= 1 && dv >= 1, op, ": heads and head dims must be >= 1, got q ", q.sizes(),
+              ", v ", v.sizes());
+  TORCH_CHECK(k.size(0) == B && k.size(1) == heads && k.size(4) == d, op, ": k must have shape [", B, ", ", heads,
+              ", Hk, Wk, ", d, "] for q of shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.size(0) == B && v.size(1) == heads && v.size(2) == Hk && v.size(3) == Wk, op, ": v must have shape [",
+              B, ", ", heads, ", ", Hk, ", ", Wk, ", dv] for k of shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(ph >= 1 && pw >= 1, op, ": patch size (ph, pw) must be positive, got (", ph, ", ", pw, ")");
+  TORCH_CHECK(Hq % ph == 0 && Wq % pw == 0, op, ": q's H x W = ", Hq, "x", Wq, " must be multiples of the patch size ",
+              ph, "x", pw);
+  TORCH_CHECK(Hk % ph == 0 && Wk % pw == 0, op, ": k's H x W = ", Hk, "x", Wk, " must be multiples of the patch size ",
+              ph, "x", pw);
+  TORCH_CHECK(Hq * Wq == 0 || Hk * Wk > 0, op, ": ", Hq * Wq, " queries need at least one key, got k of shape ",
+              k.sizes());
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(out.size(0) == B && out.size(1) == heads && out.size(2) == Hq && out.size(3) == Wq && out.size(4) == dv,
+              op, ": out must have shape [", B, ", ", heads, ", ", Hq, ", ", Wq, ", ", dv, "] for q of shape ",
+              q.sizes(), " and v of shape ", v.sizes(), ", got ", out.sizes());
+  // Every element of out is written once, from values of q, k, v: out may not overlap itself or them.
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+              ": out must not have overlapping elements, got strides ", out.strides());
+  const char* names[] = {"q", "k", "v"};
+  const at::Tensor* inputs[] = {&q, &k, &v};
+  for (int n = 0; n < 3; ++n) {
+    TORCH_CHECK(!spans_intersect(out, *inputs[n]), op, ": out must not share memory with ", names[n],
+                " (in-place is not supported)");
+  }
+}
+
+void patch_attention_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ph, int64_t pw,
+                             double scale, const at::Tensor& out) {
+  check_patch_attention(q, k, v, ph, pw, scale, out);
+  patch_attention_cpu(q, k, v, ph, pw, scale, out);
 }
 
 #ifdef WITH_CUDA
-void patch_attention_out_cuda(const at::Tensor& qkv, int64_t num_heads, int64_t ph, int64_t pw, double scale,
-                              const at::Tensor& out) {
-  check_patch_attention(qkv, num_heads, ph, pw, scale, out);
-  patch_attention_cuda(qkv, num_heads, ph, pw, scale, out);
+void patch_attention_out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ph, int64_t pw,
+                              double scale, const at::Tensor& out) {
+  check_patch_attention(q, k, v, ph, pw, scale, out);
+  patch_attention_cuda(q, k, v, ph, pw, scale, out);
 }
 #endif
 
@@ -281,9 +310,11 @@ TORCH_LIBRARY(fastvit_kernels_C, m) {
   m.def(
       "dwconv_bn_act_out(Tensor x, Tensor weight, Tensor bias, int kernel_size, int stride, int act, "
       "Tensor(a!) out) -> ()");
-  // Writes patch-grouped multi-head attention of qkv [B, H, W, 3*C] (image order; last dim
-  // (3, heads, d)) into out [B, H, W, C]: sequence (h % ph, w % pw) of each image, scores scaled by scale.
-  m.def("patch_attention_out(Tensor qkv, int num_heads, int ph, int pw, float scale, Tensor(a!) out) -> ()");
+  // Writes patch-grouped multi-head attention softmax(scale q k^T) v into out [B, heads, Hq, Wq, dv]; q
+  // [B, heads, Hq, Wq, d], k [B, heads, Hk, Wk, d], v [B, heads, Hk, Wk, dv]: any strides (MobileViT: three
+  // views of one image-ordered qkv; cross attention: [B, heads, 1, N, d] views with ph = pw = 1). Queries
+  // at offset (y % ph, x % pw) inside their patch attend to the keys at the same offset.
+  m.def("patch_attention_out(Tensor q, Tensor k, Tensor v, int ph, int pw, float scale, Tensor(a!) out) -> ()");
   // Writes cross-covariance attention (XCiT / EdgeNeXt) of qkv [B, N, 3*C] (last dim (3, heads, d)) into
   // out [B, N, C]: per head, softmax(temperature[h] * normalize(q) normalize(k)^T) over channels, times v.
   m.def(

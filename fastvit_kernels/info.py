@@ -31,13 +31,22 @@ def collect() -> dict:
         "requested backend": os.environ.get(backends.ENV_VAR) or "automatic",
         "backends": {name: backends.load_error(name) or "available" for name in backends.BACKENDS},
         "ops": implementations(),
+        "head-dim limits": head_dim_limits(),
     }
+
+
+def head_dim_limits() -> dict:
+    """``{op: {backend: limit}}`` for the ops whose kernels refuse some head dims."""
+    import importlib
+
+    limits = importlib.import_module(f"{__package__}.ops.patch_attention").HEAD_DIM_LIMITS
+    return {op: dict(limits) for op in ("patch_attention", "attention")}
 
 
 def main() -> None:
     info = collect()
     for key, value in info.items():
-        if key not in ("backends", "ops"):
+        if key not in ("backends", "ops", "head-dim limits"):
             print(f"{key:>26}: {value}")
     print("backends (default order: cuda tensors", " > ".join(backends.DEFAULT_ORDER["cuda"]),
           "| cpu tensors", " > ".join(backends.DEFAULT_ORDER["cpu"]) + ")")
@@ -46,6 +55,9 @@ def main() -> None:
     print("ops (backends implemented; a backend serves an op when it loaded and supports the input)")
     for op, names in info["ops"].items():
         print(f"{op:>26}: {', '.join(names)}")
+    print("head-dim limits (larger head dims run on the next backend that serves them)")
+    for op, limits in info["head-dim limits"].items():
+        print(f"{op:>26}: " + "; ".join(f"{b} {limit}" for b, limit in limits.items()))
 
 
 if __name__ == "__main__":

@@ -283,29 +283,52 @@ def test_backend_for_another_device_says_why():
             fk.patch_attention(make_qkv(1, 2, 2, 1, 16), 1)
 
 
+def _extension(qkv, heads, ph, pw, out, scale=0.2, **replace):
+    """The C++ op on qkv's q, k, v views (any of them replaced by ``replace``) and out's view."""
+    views = dict(zip("qkv", op_module.qkv_views(qkv, heads)), **replace)
+    torch.ops.fastvit_kernels_C.patch_attention_out(views["q"], views["k"], views["v"], ph, pw, scale,
+                                                    op_module.out_view(out, heads))
+
+
 @pytest.mark.parametrize("make_out, message", [
-    (lambda q: torch.empty(1, 4, 6, 20, device=DEVICE), r"out must have shape \[1, 4, 6, 40\] .*got \[1, 4, 6, 20\]"),
-    (lambda q: torch.empty(1, 4, 6, 40, device=DEVICE, dtype=torch.float64), "out must have qkv's dtype Float"),
-    (lambda q: q.view(-1)[:960].view(1, 4, 6, 40), "out must not share memory with qkv"),
+    (lambda q: torch.empty(1, 4, 6, 20, device=DEVICE), r"out must have shape \[1, 2, 4, 6, 20\] .*got \[1, 2, 4, 6, 10\]"),
+    (lambda q: torch.empty(1, 4, 6, 40, device=DEVICE, dtype=torch.float64), "out must have q's dtype Float"),
+    (lambda q: q.view(-1)[:960].view(1, 4, 6, 40), "out must not share memory with q"),
     (lambda q: torch.empty(1, 1, 1, 1, device=DEVICE).expand(1, 4, 6, 40), "out must not have overlapping"),
 ])
 def test_extension_checks_its_arguments(make_out, message):
     """The C++ op validates what the Python layer normally guarantees, naming the argument."""
     qkv = make_qkv(1, 4, 6, 2, 20)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.fastvit_kernels_C.patch_attention_out(qkv, 2, 2, 2, 0.2, make_out(qkv))
-    with pytest.raises(RuntimeError, match=r"H x W = 4x6 must be multiples of the patch size 3x2"):
-        torch.ops.fastvit_kernels_C.patch_attention_out(qkv, 2, 3, 2, 0.2, torch.empty(1, 4, 6, 40, device=DEVICE))
-    with pytest.raises(RuntimeError, match=r"multiple of 3 \* num_heads = 21 .*got 120"):
-        torch.ops.fastvit_kernels_C.patch_attention_out(qkv, 7, 2, 2, 0.2, torch.empty(1, 4, 6, 40, device=DEVICE))
+        _extension(qkv, 2, 2, 2, make_out(qkv))
+    out = torch.empty(1, 4, 6, 40, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"q's H x W = 4x6 must be multiples of the patch size 3x2"):
+        _extension(qkv, 2, 3, 2, out)
+    k = op_module.qkv_views(qkv, 2)[1]
+    with pytest.raises(RuntimeError, match=r"k must have shape \[1, 2, Hk, Wk, 20\] .*got \[1, 2, 4, 6, 10\]"):
+        _extension(qkv, 2, 2, 2, out, k=k[..., :10])
+    with pytest.raises(RuntimeError, match=r"v must have shape \[1, 2, 4, 6, dv\] .*got \[1, 2, 4, 3, 20\]"):
+        _extension(qkv, 2, 2, 2, out, v=k[:, :, :, :3])
+    with pytest.raises(RuntimeError, match=r"k and v must have q's dtype Float"):
+        _extension(qkv, 2, 2, 2, out, v=k.double())
 
 
-def test_extension_handles_large_head_dims():
-    """Head dims above the CUDA kernel's 64-channel accumulator chunk (and above Triton's 128)."""
-    qkv = make_qkv(1, 4, 4, 1, 150)
-    with fk.use_backend(DEVICE.type):
-        out = fk.patch_attention(qkv, 1, (2, 2))
-    assert_close(out, eager(qkv, 1, (2, 2), dtype=torch.float64), eager(qkv, 1, (2, 2)), "head_dim 150")
+@pytest.mark.parametrize("kind", sorted({"cpu", DEVICE.type}))
+def test_extension_handles_large_head_dims(kind):
+    """The C++ kernels take any head dim (the CUDA one in 64-channel chunks), even above the limit of
+    128 the dispatch gives them (HEAD_DIM_LIMITS); with no preference, 150 runs on the reference."""
+    if fk.backends.load_error(kind):
+        pytest.skip(fk.backends.load_error(kind))
+    qkv = make_qkv(1, 4, 4, 1, 150).to(kind)
+    out = torch.full((1, 4, 4, 150), float("nan"), device=kind)
+    _extension(qkv, 1, 2, 2, out, 150 ** -0.5)
+    assert_close(out.to(DEVICE), eager(qkv, 1, (2, 2), dtype=torch.float64).to(DEVICE),
+                 eager(qkv, 1, (2, 2)).to(DEVICE), "head_dim 150")
+    with pytest.raises(fk.BackendUnavailable, match=f"the {kind} kernel serves head dims <= 128"):
+        with fk.use_backend(kind):
+            fk.patch_attention(qkv, 1, (2, 2))
+    with fk.use_backend(None):
+        fk.patch_attention(qkv, 1, (2, 2))
 
 
 @pytest.mark.parametrize("dtype, heads, head_dim, message", [

@@ -81,12 +81,13 @@ def test_triton_aot_dwconv_bn_act_enumeration_covers_launches(dtype):
 
 
 def _patch_attention_example_args(dtype, d_pad: int) -> tuple:
-    """Launch arguments for a dense qkv, head_dim = the padded width (with no JIT specialization, the
-    values only fix the integer types)."""
+    """Launch arguments for q, k, v views of a dense qkv, head_dim = the padded width (with no JIT
+    specialization, the values only fix the integer types)."""
     b, h, w, heads = 2, 32, 32, 4
-    qkv = torch.empty(b, h, w, 3 * heads * d_pad, dtype=dtype)
-    out = torch.empty(b, h, w, heads * d_pad, dtype=dtype)
-    return pa.kernel_args(qkv, heads, (2, 2), d_pad ** -0.5, out)
+    qkv = torch.empty(b, h, w, 3, heads, d_pad, dtype=dtype)
+    q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+    out = torch.empty(b, h, w, heads, d_pad, dtype=dtype).permute(0, 3, 1, 2, 4)
+    return pa.kernel_args(q, k, v, (2, 2), d_pad ** -0.5, out)
 
 
 def _patch_attention_jobs():
@@ -103,7 +104,7 @@ def _patch_attention_jobs():
 
 
 def test_triton_aot_patch_attention_every_config_compiles_without_spills():
-    assert_compile_without_spills(_patch_attention_jobs(), ["D_PAD", "BLOCK_M", "BLOCK_N", "VEC"], "qkv_ptr")
+    assert_compile_without_spills(_patch_attention_jobs(), ["D_PAD", "BLOCK_M", "BLOCK_N", "VEC"], "q_ptr")
 
 
 @pytest.mark.parametrize("dtype", pa.DTYPES)
@@ -111,12 +112,14 @@ def test_triton_aot_patch_attention_enumeration_covers_launches(dtype):
     """Whatever launch_config picks is in all_kernel_configs, so the AOT test above compiled it."""
     known = [(c.dtype, c.constexprs, c.num_warps, c.num_stages) for c in pa.all_kernel_configs()]
     for h, w, patch in [(8, 8, (2, 2)), (32, 32, (2, 2)), (16, 16, (2, 2)), (1, 197, (1, 1)), (7, 7, (1, 1)),
-                        (6, 6, (3, 3)), (64, 64, (2, 2)), (4, 2, (2, 1))]:
-        for heads, head_dim in [(4, 16), (4, 20), (4, 36), (4, 60), (2, 64), (3, 30), (1, 128), (6, 1)]:
-            qkv = torch.empty(2, h, w, 3 * heads * head_dim, dtype=dtype, device="meta")
+                        (6, 6, (3, 3)), (64, 64, (2, 2)), (4, 2, (2, 1)), (1, 1, (1, 1))]:
+        for heads, head_dim, v_dim in [(4, 16, 16), (4, 20, 20), (4, 36, 36), (4, 60, 60), (2, 64, 64),
+                                       (3, 30, 30), (1, 128, 128), (6, 1, 1), (4, 16, 64), (2, 100, 8)]:
+            q = torch.empty(2, heads, h, w, head_dim, dtype=dtype, device="meta")
+            v = torch.empty(2, heads, 7, 14, v_dim, dtype=dtype, device="meta")  # cross attention: other keys
             for vec in pa.VECS:
-                cfg = pa.launch_config(qkv, heads, patch, vec)
-                assert (dtype, cfg.constexprs, cfg.num_warps, cfg.num_stages) in known, (qkv.shape, heads, vec)
+                cfg = pa.launch_config(q, v, patch, vec)
+                assert (dtype, cfg.constexprs, cfg.num_warps, cfg.num_stages) in known, (q.shape, v.shape, vec)
 
 
 def _xca_attention_example_args(dtype, d_pad: int) -> tuple:

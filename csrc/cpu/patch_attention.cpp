@@ -1,10 +1,11 @@
-// CPU kernels for patch_attention: loops (at::parallel_for) around the math in ../patch_attention.h.
-// Arguments are validated once, in ../ops.cpp, before patch_attention_cpu is called.
+// CPU kernels for patch_attention and cross attention: loops (at::parallel_for) around the math in
+// ../patch_attention.h, on separate q, k, v and out views (see there). Arguments are validated once,
+// in ../ops.cpp, before patch_attention_cpu is called.
 //
 // A parallel task is a range of work items (sequence, head, block of kQueryBlock queries). For each
-// (sequence, head) it meets, a task gathers the sequence's keys and values once into acc_t buffers
+// (sequence, head) it meets, a task gathers the sequence's Nk keys and values once into acc_t buffers
 // (the patch grouping's address arithmetic, patch_token_offset, happens here): K transposed
-// [d, Np] and V [Np, dp], zero-padded to multiples of kPad keys / channels. Then, per tile of
+// [d, Np] and V [Np, dvp], zero-padded to multiples of kPad keys / channels. Then, per tile of
 // kRows query rows (the tile's queries gathered into [kRows, d]):
 //   1. scores S[kRows, Np] = Q K^T in register tiles of kRows x one vector of keys (score_tile): each K vector
 //      load feeds kRows multiply-adds, which is what makes this compute-bound instead of bound by
@@ -13,10 +14,13 @@
 //   2. per row, the softmax as one block of the header's online softmax: the row max, weights
 //      p_j = fast_exp(scale * s_j - max) (padded keys get 0), their sum (max and sum per vector
 //      lane, then across lanes);
-//   3. out[kRows, d] = P V in register tiles of kRows x one vector of channels (value_tile), scaled by
+//   3. out[kRows, dv] = P V in register tiles of kRows x one vector of channels (value_tile), scaled by
 //      1 / sum at the store.
-// Queries whose channels are not contiguous (channel stride != 1) take the CUDA kernel's per-row
-// function, patch_attention_row, instead: that keeps the CUDA math under the CPU tests.
+// Any head dims: the tile is kRows x one vector whatever d and dv (the buffers are on the heap); the
+// Python dispatch sends head dims above 128 to the reference, whose matmuls are faster there (K and
+// V no longer stay in cache across tiles; numbers in fastvit_kernels/ops/patch_attention.py).
+// Inputs whose channels are not contiguous (a channel stride of q, k or v != 1) take the CUDA
+// kernel's per-row function, patch_attention_row, instead: that keeps the CUDA math under the CPU tests.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,12 +34,6 @@
 
 namespace fastvit_kernels {
 namespace {
-
-struct Geometry {
-  int64_t B, H, W, C, heads, d, ph, pw, nw, N;
-  int64_t s_b, s_h, s_w, s_c;  // qkv strides
-  int64_t o_b, o_h, o_w, o_c;  // out strides
-};
 
 // Queries per work item: enough work per item (kQueryBlock * N * d multiply-adds, twice) to amortize
 // the gather of K and V for a task that starts on a new (sequence, head), and small enough that
@@ -90,7 +88,7 @@ FVK_CPU_CLONES void score_tile(const acc_t* __restrict q,   // [kRows, d] the ti
   }
 }
 
-// Step 3 for one tile: o[r, e] = inv_sum[r] * sum_j s[r, j] v[j, e], channels padded to dp.
+// Step 3 for one tile: o[r, e] = inv_sum[r] * sum_j s[r, j] v[j, e], value channels padded to dp.
 template <typename acc_t>
 FVK_CPU_CLONES void value_tile(const acc_t* __restrict s,   // [kRows, Np] weights from score_tile
                                const acc_t* __restrict v,   // [Np, dp] values, zero-padded
@@ -110,15 +108,19 @@ FVK_CPU_CLONES void value_tile(const acc_t* __restrict s,   // [kRows, Np] weigh
 }
 
 template <typename scalar_t>
-void patch_attention_kernel(const scalar_t* qkv, scalar_t* out, const Geometry& g, double scale_d) {
+void patch_attention_kernel(const scalar_t* q_ptr, const scalar_t* k_ptr, const scalar_t* v_ptr, scalar_t* out,
+                            const AttentionGeometry& g, double scale_d) {
   using acc_t = acc_type_t<scalar_t>;
   const acc_t scale = static_cast<acc_t>(scale_d);
-  const int64_t d = g.d, N = g.N, Np = round_up(N, kPad), dp = round_up(d, kPad);
-  const int64_t q_blocks = (N + kQueryBlock - 1) / kQueryBlock;
+  const int64_t d = g.d, dv = g.dv, Nq = g.Nq, Nk = g.Nk, Np = round_up(Nk, kPad), dp = round_up(dv, kPad);
+  const int64_t q_blocks = (Nq + kQueryBlock - 1) / kQueryBlock;
   const int64_t items = g.B * g.ph * g.pw * g.heads * q_blocks;
-  const int64_t tok_sh = g.ph * g.s_h, tok_sw = g.pw * g.s_w;
+  // A sequence's token m lies (m / nw) * ph rows and (m % nw) * pw columns from its first pixel.
+  const int64_t q_sh = g.ph * g.q.h, q_sw = g.pw * g.q.w, o_sh = g.ph * g.o.h, o_sw = g.pw * g.o.w;
+  const int64_t k_sh = g.ph * g.k.h, k_sw = g.pw * g.k.w, v_sh = g.ph * g.v.h, v_sw = g.pw * g.v.w;
+  const bool unit_channels = g.q.c == 1 && g.k.c == 1 && g.v.c == 1;
   // Grain: about 2^18 multiply-adds of work per chunk before OpenMP's fork/join pays off.
-  const int64_t work_per_item = std::max<int64_t>(1, std::min(N, kQueryBlock) * N * d);
+  const int64_t work_per_item = std::max<int64_t>(1, std::min(Nq, kQueryBlock) * Nk * (d + dv) / 2);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work_per_item);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
@@ -131,42 +133,38 @@ void patch_attention_kernel(const scalar_t* qkv, scalar_t* out, const Geometry& 
       const int64_t head = sh % g.heads;
       const int64_t seq = sh / g.heads;
       const int64_t px = seq % g.pw, py = (seq / g.pw) % g.ph, b = seq / (g.pw * g.ph);
-      const scalar_t* base = qkv + patch_sequence_offset(b, py, px, g.s_b, g.s_h, g.s_w);
-      const scalar_t* q_seq = base + (0 * g.C + head * d) * g.s_c;
-      const scalar_t* k_seq = base + (1 * g.C + head * d) * g.s_c;
-      const scalar_t* v_seq = base + (2 * g.C + head * d) * g.s_c;
-      const int64_t m_begin = qb * kQueryBlock, m_end = std::min(N, m_begin + kQueryBlock);
-      if (g.s_c != 1) {  // the CUDA kernel's per-row path (see the file comment)
+      const scalar_t* q_seq = q_ptr + patch_sequence_offset(b, head, py, px, g.q);
+      const scalar_t* k_seq = k_ptr + patch_sequence_offset(b, head, py, px, g.k);
+      const scalar_t* v_seq = v_ptr + patch_sequence_offset(b, head, py, px, g.v);
+      scalar_t* o_seq = out + patch_sequence_offset(b, head, py, px, g.o);
+      const int64_t m_begin = qb * kQueryBlock, m_end = std::min(Nq, m_begin + kQueryBlock);
+      if (!unit_channels) {  // the CUDA kernel's per-row path (see the file comment)
         for (int64_t m = m_begin; m < m_end; ++m) {
-          const int64_t y = (m / g.nw) * g.ph + py, x = (m % g.nw) * g.pw + px;
-          patch_attention_row(q_seq + patch_token_offset(m, g.nw, tok_sh, tok_sw), k_seq, v_seq, g.s_c, N,
-                              g.nw, tok_sh, tok_sw, d, scale, int64_t(0), d, o.data(),
-                              out + b * g.o_b + y * g.o_h + x * g.o_w + head * d * g.o_c, g.o_c);
+          patch_attention_row(q_seq + patch_token_offset(m, g.nw_q, q_sh, q_sw), k_seq, v_seq, g, scale,
+                              int64_t(0), dv, o.data(), o_seq + patch_token_offset(m, g.nw_q, o_sh, o_sw), g.o.c);
         }
         continue;
       }
       if (sh != packed) {
-        for (int64_t m = 0; m < N; ++m) {
-          const int64_t off = patch_token_offset(m, g.nw, tok_sh, tok_sw);
-          for (int64_t e = 0; e < d; ++e) {
-            kt[e * Np + m] = static_cast<acc_t>(k_seq[off + e]);
-            v[m * dp + e] = static_cast<acc_t>(v_seq[off + e]);
-          }
+        for (int64_t n = 0; n < Nk; ++n) {
+          const scalar_t* krow = k_seq + patch_token_offset(n, g.nw_k, k_sh, k_sw);
+          const scalar_t* vrow = v_seq + patch_token_offset(n, g.nw_k, v_sh, v_sw);
+          for (int64_t e = 0; e < d; ++e) kt[e * Np + n] = static_cast<acc_t>(krow[e]);
+          for (int64_t e = 0; e < dv; ++e) v[n * dp + e] = static_cast<acc_t>(vrow[e]);
         }
         packed = sh;
       }
       for (int64_t m0 = m_begin; m0 < m_end; m0 += kRows) {
         const int64_t rows = std::min(kRows, m_end - m0);
         for (int64_t r = 0; r < kRows; ++r) {  // rows past the end repeat the last query, unstored
-          const scalar_t* qrow = q_seq + patch_token_offset(m0 + std::min(r, rows - 1), g.nw, tok_sh, tok_sw);
+          const scalar_t* qrow = q_seq + patch_token_offset(m0 + std::min(r, rows - 1), g.nw_q, q_sh, q_sw);
           for (int64_t e = 0; e < d; ++e) q[r * d + e] = static_cast<acc_t>(qrow[e]);
         }
-        score_tile(q.data(), kt.data(), N, Np, d, scale, s.data(), inv_sum.data());
+        score_tile(q.data(), kt.data(), Nk, Np, d, scale, s.data(), inv_sum.data());
         value_tile(s.data(), v.data(), inv_sum.data(), Np, dp, o.data());
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t m = m0 + r, y = (m / g.nw) * g.ph + py, x = (m % g.nw) * g.pw + px;
-          scalar_t* orow = out + b * g.o_b + y * g.o_h + x * g.o_w + head * d * g.o_c;
-          for (int64_t e = 0; e < d; ++e) orow[e * g.o_c] = static_cast<scalar_t>(o[r * dp + e]);
+          scalar_t* orow = o_seq + patch_token_offset(m0 + r, g.nw_q, o_sh, o_sw);
+          for (int64_t e = 0; e < dv; ++e) orow[e * g.o.c] = static_cast<scalar_t>(o[r * dp + e]);
         }
       }
     }
@@ -175,18 +173,15 @@ void patch_attention_kernel(const scalar_t* qkv, scalar_t* out, const Geometry& 
 
 }  // namespace
 
-void patch_attention_cpu(const at::Tensor& qkv, int64_t num_heads, int64_t ph, int64_t pw, double scale,
-                         const at::Tensor& out) {
+void patch_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ph, int64_t pw,
+                         double scale, const at::Tensor& out) {
   if (out.numel() == 0) return;
-  Geometry g;
-  g.B = qkv.size(0), g.H = qkv.size(1), g.W = qkv.size(2), g.C = qkv.size(3) / 3;
-  g.heads = num_heads, g.d = g.C / num_heads, g.ph = ph, g.pw = pw;
-  g.nw = g.W / pw, g.N = (g.H / ph) * g.nw;
-  g.s_b = qkv.stride(0), g.s_h = qkv.stride(1), g.s_w = qkv.stride(2), g.s_c = qkv.stride(3);
-  g.o_b = out.stride(0), g.o_h = out.stride(1), g.o_w = out.stride(2), g.o_c = out.stride(3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "patch_attention_cpu", [&] {
-    patch_attention_kernel<scalar_t>(qkv.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g,
-                                     scale);
+  const AttentionGeometry g = make_attention_geometry(q.sizes().data(), q.strides().data(), k.sizes().data(),
+                                                      k.strides().data(), v.sizes().data(), v.strides().data(),
+                                                      out.strides().data(), ph, pw);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "patch_attention_cpu", [&] {
+    patch_attention_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                     v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, scale);
   });
 }
 

@@ -47,6 +47,9 @@ def patch_attention(qkv: Tensor, num_heads: int, patch_size: Union[int, Sequence
     Returns ``[B, H, W, C]``, contiguous, last dim ``(num_heads, head_dim)`` (ready for the proj
     Linear). Same as timm's unfold -> ``Attention`` core -> fold: see the module docstring for the
     equivalent PyTorch. Differentiable in ``qkv``.
+
+    Head dims: the triton, cuda and cpu kernels serve ``head_dim <= 128``; larger head dims (T2T-ViT's
+    147 and 1323) run on the reference (``HEAD_DIM_LIMITS``, ``python -m fastvit_kernels.info``).
     """
     if isinstance(patch_size, int):
         patch_size = (patch_size, patch_size)
@@ -156,8 +159,32 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, scale:
 
 
 # --------------------------------------------------------------------------------------------------
-# Backends. Each takes (qkv, num_heads, (ph, pw), scale, out) and fills `out`.
+# Backends. Each takes (qkv, num_heads, (ph, pw), scale, out) and fills `out`. The fused kernels take
+# separate q, k, v and out views [B, heads, H, W, d] (the same kernels serve cross attention below).
 # --------------------------------------------------------------------------------------------------
+
+# Largest head dim (d and dv) each fused backend serves; larger ones go to the reference (its
+# matmuls, float32 for 16-bit inputs). triton: the [queries, head dim] tiles live in registers, padded
+# to a power of two; 128 is the widest that compiles without spills (tests/test_triton_aot.py). cuda:
+# one thread per query row holds 64 accumulators and recomputes the scores for every further 64
+# channels, so beyond 128 (3+ passes) the reference's cuBLAS matmuls are faster. cpu: measured on
+# 2 cores (one head, float32): 3-10x faster than the reference up to 128 (784 tokens: 8 vs 92 ms at
+# d = 64, 24 vs 80 ms at 128), 2-3x slower beyond (T2T-ViT: 1087 vs 484 ms at 3136 tokens, d = 147;
+# 638 vs 196 ms at 784 tokens, d = 1323), where K and V no longer stay in cache across the 8-row tiles.
+# The C++ kernels themselves take any head dim (the limit is the dispatch's).
+MAX_HEAD_DIM = {"triton": 128, "cuda": 128, "cpu": 128}
+HEAD_DIM_LIMITS = {**{b: f"head dims <= {n}" for b, n in MAX_HEAD_DIM.items()},
+                   "reference": "any head dim (serves the larger ones: T2T-ViT's 147, 1323)"}
+
+
+def qkv_views(qkv: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The kernels' q, k, v: ``[B, heads, H, W, d]`` views of ``qkv`` ``[B, H, W, 3*C]`` (no copy)."""
+    return qkv.unflatten(3, (3, num_heads, -1)).permute(3, 0, 4, 1, 2, 5).unbind(0)
+
+
+def out_view(out: Tensor, num_heads: int) -> Tensor:
+    """The kernels' ``[B, heads, H, W, d]`` view of ``out`` ``[B, H, W, C]``."""
+    return out.unflatten(3, (num_heads, -1)).permute(0, 3, 1, 2, 4)
 
 
 def reference(qkv: Tensor, num_heads: int, patch_size: Tuple[int, int], scale: float, out: Tensor) -> None:
@@ -167,30 +194,52 @@ def reference(qkv: Tensor, num_heads: int, patch_size: Tuple[int, int], scale: f
     out.copy_(from_sequences(merge_heads(o[None]), qkv.shape[:3], patch_size))
 
 
-def _run_triton(*args) -> None:
+def _triton_kernel(q: Tensor, k: Tensor, v: Tensor, patch_size: Tuple[int, int], scale: float, out: Tensor) -> None:
     from ..triton.patch_attention import patch_attention_triton
 
-    patch_attention_triton(*args)
+    patch_attention_triton(q, k, v, patch_size, scale, out)
 
 
-def _run_extension(qkv: Tensor, num_heads: int, patch_size: Tuple[int, int], scale: float, out: Tensor) -> None:
-    torch.ops.fastvit_kernels_C.patch_attention_out(qkv, num_heads, patch_size[0], patch_size[1], scale, out)
+def _extension_kernel(q: Tensor, k: Tensor, v: Tensor, patch_size: Tuple[int, int], scale: float, out: Tensor) -> None:
+    torch.ops.fastvit_kernels_C.patch_attention_out(q, k, v, patch_size[0], patch_size[1], scale, out)
 
 
-def _triton_unsupported(qkv: Tensor, num_heads: int, *args) -> Optional[str]:
+def _triton_refuses(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
     # Only asked once triton imported (backends.why_not checks the load first).
     from ..triton.patch_attention import unsupported
 
-    reason = unsupported(qkv, num_heads)
+    reason = unsupported(q, k, v)
     return f"{reason} (the cuda or reference backend serves it)" if reason else None
 
 
-# cuda and cpu: the C++ extension (csrc/{cuda,cpu}/patch_attention.*, one math header), any head dim,
-# dtype and strides; cuda is the fallback where Triton is missing or refuses the input.
+def _extension_refuses(backend: str):
+    def refuses(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+        d, dv = q.shape[-1], v.shape[-1]
+        if max(d, dv) > MAX_HEAD_DIM[backend]:
+            return (f"head dims d={d}, dv={dv}: the {backend} kernel serves head dims <= {MAX_HEAD_DIM[backend]} "
+                    f"(the reference serves larger ones)")
+        return None
+
+    return refuses
+
+
+def _packed(backend: str, kernel, refuses=None) -> backends.Implementation:
+    """patch_attention's ``backend``: ``kernel`` (and ``refuses``) on the q, k, v and out views of qkv."""
+    def run(qkv, num_heads, patch_size, scale, out):
+        kernel(*qkv_views(qkv, num_heads), patch_size, scale, out_view(out, num_heads))
+
+    def unsupported(qkv, num_heads, *args):
+        return refuses(*qkv_views(qkv, num_heads)) if refuses else None
+
+    return backends.Implementation(backend, run, unsupported)
+
+
+# cuda and cpu: the C++ extension (csrc/{cuda,cpu}/patch_attention.*, one math header), any dtype and
+# strides; cuda is the fallback where Triton is missing or refuses the input. Head-dim limits above.
 IMPLEMENTATIONS = (
-    backends.Implementation("triton", _run_triton, _triton_unsupported),
-    backends.Implementation("cuda", _run_extension),
-    backends.Implementation("cpu", _run_extension),
+    _packed("triton", _triton_kernel, _triton_refuses),
+    _packed("cuda", _extension_kernel, _extension_refuses("cuda")),
+    _packed("cpu", _extension_kernel, _extension_refuses("cpu")),
     backends.Implementation("reference", reference),
 )
 
@@ -266,6 +315,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
         out = o.transpose(1, 2).reshape(B, Nq, heads * dv)
 
     Differentiable in ``q``, ``k`` and ``v``.
+
+    Runs on patch_attention's kernels (a 1 x 1 patch over separate q, k, v views, no copies), with their
+    limits: triton, cuda and cpu serve head dims ``d, dv <= 128`` (float64 not on triton); larger head
+    dims (T2T-ViT's 147 and 1323, one head) run on the reference, plain PyTorch matmuls in float32
+    (``HEAD_DIM_LIMITS``, ``python -m fastvit_kernels.info``). ``Nq`` and ``Nk`` are independent (CaiT's class
+    attention: ``Nq = 1``), and so are ``d`` and ``dv``.
     """
     return torch.ops.fastvit_kernels.attention(q, k, v, scale)
 
@@ -310,9 +365,31 @@ def cross_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) 
     out.copy_(o.transpose(1, 2).reshape(out.shape))
 
 
-# The fused kernels serve cross attention as the patch kernels with a 1 x 1 patch and separate
-# q/k/v tensors; until they take separate tensors, the reference does.
+def cross_views(q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The kernels' ``[B, heads, 1, N, d]`` views of q, k, v and of ``out`` ``[B, Nq, heads * dv]``:
+    one image row of tokens, read with a 1 x 1 patch."""
+    heads = q.shape[1]
+    return q[:, :, None], k[:, :, None], v[:, :, None], out.unflatten(2, (heads, -1)).transpose(1, 2)[:, :, None]
+
+
+def _cross(backend: str, kernel, refuses=None) -> backends.Implementation:
+    """attention's ``backend``: the patch kernel ``kernel`` (and ``refuses``) with a 1 x 1 patch."""
+    def run(q, k, v, scale, out):
+        *qkv, o = cross_views(q, k, v, out)
+        kernel(*qkv, (1, 1), scale, o)
+
+    def unsupported(q, k, v, *args):
+        return refuses(q[:, :, None], k[:, :, None], v[:, :, None]) if refuses else None
+
+    return backends.Implementation(backend, run, unsupported)
+
+
+# The patch kernels with a 1 x 1 patch on the separate q, k, v views: the same kernels, dtypes and
+# head-dim limits as patch_attention (HEAD_DIM_LIMITS); dv != d is served by every backend.
 CROSS_IMPLEMENTATIONS = (
+    _cross("triton", _triton_kernel, _triton_refuses),
+    _cross("cuda", _extension_kernel, _extension_refuses("cuda")),
+    _cross("cpu", _extension_kernel, _extension_refuses("cpu")),
     backends.Implementation("reference", cross_reference),
 )
 
