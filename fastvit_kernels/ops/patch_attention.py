@@ -53,6 +53,8 @@ def patch_attention(qkv: Tensor, num_heads: int, patch_size: Union[int, Sequence
     """
     if isinstance(patch_size, int):
         patch_size = (patch_size, patch_size)
+    if backends.direct_call(qkv):  # eager inference: the same work without the dispatcher
+        return _forward(qkv, num_heads, list(patch_size), scale)
     return torch.ops.fastvit_kernels.patch_attention(qkv, num_heads, list(patch_size), scale)
 
 
@@ -250,8 +252,7 @@ IMPLEMENTATIONS = (
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastvit_kernels::patch_attention", mutates_args=())
-def _patch_attention(qkv: Tensor, num_heads: int, patch_size: List[int], scale: Optional[float]) -> Tensor:
+def _forward(qkv: Tensor, num_heads: int, patch_size: List[int], scale: Optional[float]) -> Tensor:
     check_inputs(qkv, num_heads, patch_size, scale)
     out = new_output(qkv)
     if out.numel() == 0:
@@ -259,6 +260,9 @@ def _patch_attention(qkv: Tensor, num_heads: int, patch_size: List[int], scale: 
     backends.run("patch_attention", IMPLEMENTATIONS, qkv.device, qkv, num_heads, tuple(patch_size),
                  resolve_scale(qkv, num_heads, scale), out)
     return out
+
+
+_patch_attention = torch.library.custom_op("fastvit_kernels::patch_attention", _forward, mutates_args=())
 
 
 @_patch_attention.register_fake
@@ -322,6 +326,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     (``HEAD_DIM_LIMITS``, ``python -m fastvit_kernels.info``). ``Nq`` and ``Nk`` are independent (CaiT's class
     attention: ``Nq = 1``), and so are ``d`` and ``dv``.
     """
+    if backends.direct_call(q, k, v):  # eager inference: the same work without the dispatcher
+        return _cross_forward(q, k, v, scale)
     return torch.ops.fastvit_kernels.attention(q, k, v, scale)
 
 
@@ -394,8 +400,7 @@ CROSS_IMPLEMENTATIONS = (
 )
 
 
-@torch.library.custom_op("fastvit_kernels::attention", mutates_args=())
-def _attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+def _cross_forward(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
     check_cross_inputs(q, k, v, scale)
     out = new_cross_output(q, v)
     if out.numel() == 0:
@@ -403,6 +408,9 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tenso
     backends.run("attention", CROSS_IMPLEMENTATIONS, q.device, q, k, v,
                  q.shape[-1] ** -0.5 if scale is None else float(scale), out)
     return out
+
+
+_attention = torch.library.custom_op("fastvit_kernels::attention", _cross_forward, mutates_args=())
 
 
 @_attention.register_fake
