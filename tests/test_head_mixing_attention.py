@@ -394,3 +394,16 @@ def _bad(**change):
 def test_bad_input_gets_a_clear_error(args, error, message):
     with pytest.raises(error, match=message):
         fk.head_mixing_attention(**args)
+
+
+@pytest.mark.parametrize("dtype, heads, n_k, message", [
+    (torch.float64, 2, 4, "float64 is not supported by the Triton kernel"),
+    (torch.float32, 17, 4, "heads 17 x Nk 4 is not supported by the Triton kernel"),
+    (torch.float32, 8, 513, "heads 8 x Nk 513 is not supported by the Triton kernel"),
+])
+def test_triton_refuses_what_it_cannot_run(dtype, heads, n_k, message):
+    if DEVICE.type == "cpu" and not INTERPRETED:
+        pytest.skip("Triton cannot take CPU tensors without the interpreter")
+    with pytest.raises(fk.BackendUnavailable, match=message):
+        with fk.use_backend("triton"):
+            fk.head_mixing_attention(*make_qkv(1, heads, 1, n_k, 16, dtype, layout="contiguous"))
