@@ -151,8 +151,14 @@ class KernelConfig(NamedTuple):
     num_stages: int
 
 
+# (HEADS_P2, BLOCK_N) -> BLOCK_M where the full 8K tile spilled 8 bytes of stack (ptxas held (8, 256)
+# to 128 registers; (4, 256) spilled even at 4 rows): fewer query rows per program, no spills.
+_BLOCK_M_OVERRIDE = {(4, 256): 2, (8, 256): 2}
+
+
 def _constexprs(heads_p2: int, block_n: int) -> dict:
-    return dict(HEADS_P2=heads_p2, BLOCK_M=min(MAX_BLOCK_M, MAX_TILE // (heads_p2 * block_n)), BLOCK_N=block_n)
+    block_m = _BLOCK_M_OVERRIDE.get((heads_p2, block_n), min(MAX_BLOCK_M, MAX_TILE // (heads_p2 * block_n)))
+    return dict(HEADS_P2=heads_p2, BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 def _pads(heads: int, n_k: int) -> Optional[Tuple[int, int]]:
