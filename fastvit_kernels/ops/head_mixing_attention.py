@@ -246,7 +246,7 @@ def _cuda_unsupported(q: Tensor, k: Tensor, *args) -> Optional[str]:
     return None
 
 
-# triton: heads <= 16 and Nk <= 256-512 (all keys of all heads in registers), fp32/fp16/bf16.
+# triton: heads <= 16 and Nk <= 512 (all keys of all heads in registers), fp32/fp16/bf16.
 # cuda and cpu: the C++ extension (csrc/{cuda,cpu}/head_mixing_attention.*, one math header), any head
 # dims, dtypes and strides; cuda is limited by shared memory (heads * Nk), see _cuda_unsupported.
 IMPLEMENTATIONS = (
