@@ -343,6 +343,127 @@ TORCH_LIBRARY_IMPL(fastvit_kernels_C, CUDA, m) {
 }
 #endif
 
+// ---- head_mixing_attention (declarations, checks, schema and implementations in one block) -------
+
+namespace fastvit_kernels {
+
+void head_mixing_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                               const c10::optional<at::Tensor>& pre_mix, const c10::optional<at::Tensor>& post_mix,
+                               const c10::optional<at::Tensor>& norm_weight,
+                               const c10::optional<at::Tensor>& norm_bias, double norm_eps, const at::Tensor& out);
+#ifdef WITH_CUDA
+void head_mixing_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                const c10::optional<at::Tensor>& pre_mix,
+                                const c10::optional<at::Tensor>& post_mix,
+                                const c10::optional<at::Tensor>& norm_weight,
+                                const c10::optional<at::Tensor>& norm_bias, double norm_eps, const at::Tensor& out);
+#endif
+
+namespace {
+
+void check_head_mixing_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                 const c10::optional<at::Tensor>& pre_mix,
+                                 const c10::optional<at::Tensor>& post_mix,
+                                 const c10::optional<at::Tensor>& norm_weight,
+                                 const c10::optional<at::Tensor>& norm_bias, double norm_eps,
+                                 const at::Tensor& out) {
+  constexpr const char* op = "head_mixing_attention_out";
+  const char* names[] = {"k", "v", "out", "pre_mix", "post_mix", "norm_weight", "norm_bias"};
+  const c10::optional<at::Tensor> tensors[] = {k, v, out, pre_mix, post_mix, norm_weight, norm_bias};
+  for (int n = 0; n < 7; ++n) {
+    TORCH_CHECK(!tensors[n].has_value() || tensors[n]->device() == q.device(), op, ": ", names[n], " is on ",
+                tensors[n]->device(), " but q is on ", q.device(), " (all tensors must be on one device)");
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op,
+              ": q must be float32, float16, bfloat16 or float64, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": k and v must have q's dtype ", dt,
+              ", got ", k.scalar_type(), " and ", v.scalar_type());
+  TORCH_CHECK(out.scalar_type() == dt, op, ": out must have q's dtype ", dt, ", got ", out.scalar_type());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+              ": q, k, v must be 4-D [B, heads, N, d], got shapes ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const int64_t B = q.size(0), heads = q.size(1), Nq = q.size(2), d = q.size(3), Nk = k.size(2), dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == heads && k.size(3) == d, op, ": k must have shape [", B, ", ", heads,
+              ", Nk, ", d, "] for q of shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.size(0) == B && v.size(1) == heads && v.size(2) == Nk, op, ": v must have shape [", B, ", ",
+              heads, ", ", Nk, ", dv] for k of shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(heads >= 1 && d >= 1 && dv >= 1, op, ": heads and head dims must be >= 1, got heads = ", heads,
+              ", d = ", d, ", dv = ", dv);
+  TORCH_CHECK(Nq == 0 || Nk >= 1, op, ": ", Nq, " queries need at least one key, got k of shape ", k.sizes());
+  for (int n = 3; n < 7; ++n) {
+    if (!tensors[n].has_value()) continue;
+    const at::Tensor& t = *tensors[n];
+    const bool ok = n < 5 ? (t.dim() == 2 && t.size(0) == heads && t.size(1) == heads)
+                          : (t.dim() == 1 && t.size(0) == heads);
+    TORCH_CHECK(ok, op, ": ", names[n], " must have shape ", (n < 5 ? "[heads, heads]" : "[heads]"),
+                " (heads = ", heads, "), got ", t.sizes());
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", names[n], " must be a floating-point tensor, got ",
+                t.scalar_type());
+  }
+  TORCH_CHECK(!norm_bias.has_value() || norm_weight.has_value(), op,
+              ": norm_bias needs norm_weight (the LayerNorm over heads is on when norm_weight is given)");
+  TORCH_CHECK(std::isfinite(norm_eps) && norm_eps > 0, op, ": norm_eps must be finite and > 0, got ", norm_eps);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == Nq && out.size(2) == heads * dv, op,
+              ": out must have shape [", B, ", ", Nq, ", ", heads * dv, "], got ", out.sizes());
+  // Every element of out is written once, from values of the inputs: out may not overlap itself or them.
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+              ": out must not have overlapping elements, got strides ", out.strides());
+  const char* input_names[] = {"q", "k", "v", "pre_mix", "post_mix", "norm_weight", "norm_bias"};
+  const c10::optional<at::Tensor> inputs[] = {q, k, v, pre_mix, post_mix, norm_weight, norm_bias};
+  for (int n = 0; n < 7; ++n) {
+    if (!inputs[n].has_value()) continue;
+    const auto overlap = at::get_overlap_status(out, *inputs[n]);
+    TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+                ": out must not share memory with ", input_names[n], " (in-place is not supported)");
+  }
+}
+
+void head_mixing_attention_out_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                   const c10::optional<at::Tensor>& pre_mix,
+                                   const c10::optional<at::Tensor>& post_mix,
+                                   const c10::optional<at::Tensor>& norm_weight,
+                                   const c10::optional<at::Tensor>& norm_bias, double norm_eps,
+                                   const at::Tensor& out) {
+  check_head_mixing_attention(q, k, v, scale, pre_mix, post_mix, norm_weight, norm_bias, norm_eps, out);
+  head_mixing_attention_cpu(q, k, v, scale, pre_mix, post_mix, norm_weight, norm_bias, norm_eps, out);
+}
+
+#ifdef WITH_CUDA
+void head_mixing_attention_out_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                    const c10::optional<at::Tensor>& pre_mix,
+                                    const c10::optional<at::Tensor>& post_mix,
+                                    const c10::optional<at::Tensor>& norm_weight,
+                                    const c10::optional<at::Tensor>& norm_bias, double norm_eps,
+                                    const at::Tensor& out) {
+  check_head_mixing_attention(q, k, v, scale, pre_mix, post_mix, norm_weight, norm_bias, norm_eps, out);
+  head_mixing_attention_cuda(q, k, v, scale, pre_mix, post_mix, norm_weight, norm_bias, norm_eps, out);
+}
+#endif
+
+}  // namespace
+}  // namespace fastvit_kernels
+
+TORCH_LIBRARY_FRAGMENT(fastvit_kernels_C, m) {
+  // Writes attention with heads mixed before / after the softmax and a LayerNorm across heads into
+  // out [B, Nq, heads * dv] (channel g * dv + e); q [B, heads, Nq, d], k [B, heads, Nk, d],
+  // v [B, heads, Nk, dv], any strides; pre_mix / post_mix [heads, heads] (t[g] = sum_h s[h] mix[h, g]),
+  // norm_weight / norm_bias [heads]; each step only when its tensor is given.
+  m.def(
+      "head_mixing_attention_out(Tensor q, Tensor k, Tensor v, float scale, Tensor? pre_mix, Tensor? post_mix, "
+      "Tensor? norm_weight, Tensor? norm_bias, float norm_eps, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastvit_kernels_C, CPU, m) {
+  m.impl("head_mixing_attention_out", &fastvit_kernels::head_mixing_attention_out_cpu);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(fastvit_kernels_C, CUDA, m) {
+  m.impl("head_mixing_attention_out", &fastvit_kernels::head_mixing_attention_out_cuda);
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastvit_kernels C++/CUDA kernels; the ops are in torch.ops.fastvit_kernels_C";
   m.def(

@@ -204,3 +204,50 @@ def test_triton_aot_bias_attention_enumeration_covers_launches(dtype):
                 for act in (ba.ACT_NONE, ba.ACT_HARDSWISH):
                     cfg = ba.launch_config(q, v, act, vec)
                     assert (dtype, cfg.constexprs, cfg.num_warps, cfg.num_stages) in known, (q.shape, dv, vec, act)
+
+
+# ---- head_mixing_attention ---------------------------------------------------------------------------
+
+from fastvit_kernels.triton import head_mixing_attention as hma  # noqa: E402
+
+
+def _head_mixing_attention_example_args(dtype, heads: int, n_k: int) -> tuple:
+    """Launch arguments for packed q, k, v views (one Linear output) with every optional step on and
+    float32 parameters (with no JIT specialization, the values only fix the types)."""
+    b, d = 2, 64
+    q, k, v = torch.empty(b, n_k, 3, heads, d, dtype=dtype).permute(2, 0, 3, 1, 4)
+    out = torch.empty(b, n_k, heads * d, dtype=dtype)
+    mix, vec = torch.empty(heads, heads), torch.empty(heads)
+    return hma.kernel_args(q, k, v, d ** -0.5, mix, mix, vec, vec, 1e-5, out)
+
+
+def _head_mixing_attention_jobs():
+    # As patch_attention: no JIT specialization, one compiled kernel per config.
+    kernel = hma._head_mixing_attention_fwd_kernel
+    for cfg in hma.all_kernel_configs():
+        example = _head_mixing_attention_example_args(cfg.dtype, cfg.constexprs["HEADS_P2"], cfg.constexprs["BLOCK_N"])
+        signature, constexprs, attrs = aot.specialize(kernel, example, cfg.constexprs)
+        assert not attrs and constexprs == cfg.constexprs, "the kernel must not be specialized by the JIT"
+        for arch in aot.ARCHS:
+            yield aot.AotJob(aot.kernel_name(kernel), signature, constexprs, attrs, num_warps=cfg.num_warps,
+                             num_stages=cfg.num_stages, arch=arch)
+
+
+def test_triton_aot_head_mixing_attention_every_config_compiles_without_spills():
+    # 90 compiles (45 configs x 2 archs), about 20 minutes on a loaded 2-core machine with a cold cache.
+    assert_compile_without_spills(_head_mixing_attention_jobs(), ["HEADS_P2", "BLOCK_M", "BLOCK_N"], "q_ptr")
+
+
+@pytest.mark.parametrize("dtype", hma.DTYPES)
+def test_triton_aot_head_mixing_attention_enumeration_covers_launches(dtype):
+    """Whatever launch_config picks (for inputs the kernel accepts) is in all_kernel_configs."""
+    known = [(c.dtype, c.constexprs, c.num_warps, c.num_stages) for c in hma.all_kernel_configs()]
+    for heads in (1, 3, 4, 6, 8, 12, 16):
+        for n_k in (1, 17, 50, 65, 197, 256, 300, 512):
+            q = torch.empty(2, heads, 5, 64, dtype=dtype, device="meta")
+            k = torch.empty(2, heads, n_k, 64, dtype=dtype, device="meta")
+            if hma.unsupported(q, k, k) is None:
+                cfg = hma.launch_config(q, k)
+                assert (dtype, cfg.constexprs, cfg.num_warps, cfg.num_stages) in known, (heads, n_k)
+            else:
+                assert n_k > hma.max_keys(heads), (heads, n_k)

@@ -212,7 +212,47 @@ def reference(q: Tensor, k: Tensor, v: Tensor, scale: float, pre_mix, post_mix, 
     out.copy_(o.transpose(1, 2).reshape(out.shape))
 
 
+def _run_triton(*args) -> None:
+    from ..triton.head_mixing_attention import head_mixing_attention_triton
+
+    head_mixing_attention_triton(*args)
+
+
+def _triton_unsupported(q: Tensor, k: Tensor, v: Tensor, *args) -> Optional[str]:
+    # Only asked once triton imported (backends.why_not checks the load first).
+    from ..triton.head_mixing_attention import unsupported
+
+    reason = unsupported(q, k, v)
+    return f"{reason} (the cuda or reference backend serves it)" if reason else None
+
+
+def _run_extension(q: Tensor, k: Tensor, v: Tensor, scale: float, pre_mix, post_mix, norm_weight, norm_bias,
+                   norm_eps: float, out: Tensor) -> None:
+    torch.ops.fastvit_kernels_C.head_mixing_attention_out(q, k, v, scale, pre_mix, post_mix, norm_weight, norm_bias,
+                                                          norm_eps, out)
+
+
+def _cuda_unsupported(q: Tensor, k: Tensor, *args) -> Optional[str]:
+    # The CUDA kernel holds one query row's [heads, Nk] map (twice) and its queries in shared memory.
+    if not q.is_cuda:
+        return None
+    acc_bytes = 8 if q.dtype == torch.float64 else 4
+    heads, nk, d = q.shape[1], k.shape[2], q.shape[3]
+    need = acc_bytes * (2 * heads * nk + heads * d)
+    limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+    if need > limit:
+        return (f"heads {heads} x Nk {nk} needs {need} bytes of shared memory, more than the device's {limit} "
+                f"(the reference backend serves it)")
+    return None
+
+
+# triton: heads <= 16 and Nk <= 512 (all keys of all heads in registers), fp32/fp16/bf16.
+# cuda and cpu: the C++ extension (csrc/{cuda,cpu}/head_mixing_attention.*, one math header), any head
+# dims, dtypes and strides; cuda is limited by shared memory (heads * Nk), see _cuda_unsupported.
 IMPLEMENTATIONS = (
+    backends.Implementation("triton", _run_triton, _triton_unsupported),
+    backends.Implementation("cuda", _run_extension, _cuda_unsupported),
+    backends.Implementation("cpu", _run_extension),
     backends.Implementation("reference", reference),
 )
 
