@@ -252,7 +252,7 @@ IMPLEMENTATIONS = (
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, resolution: List[int], stride: int,
-                    scale: Optional[float], activation: str) -> Tensor:
+             scale: Optional[float], activation: str) -> Tensor:
     check_inputs(q, k, v, table, resolution, stride, scale, activation)
     out = new_output(q, v)
     if out.numel() == 0:

@@ -52,8 +52,10 @@ def head_mixing_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float
     Returns ``[B, Nq, heads * dv]``, contiguous, channel ``h * dv + e``. See the module docstring for the
     equivalent PyTorch. Differentiable in every tensor argument.
     """
-    return torch.ops.fastvit_kernels.head_mixing_attention(q, k, v, scale, pre_mix, post_mix, norm_weight,
-                                                           norm_bias, float(norm_eps))
+    args = (q, k, v, scale, pre_mix, post_mix, norm_weight, norm_bias, float(norm_eps))
+    if backends.direct_call(q, k, v, pre_mix, post_mix, norm_weight, norm_bias):  # eager inference
+        return _forward(*args)
+    return torch.ops.fastvit_kernels.head_mixing_attention(*args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,10 +265,9 @@ IMPLEMENTATIONS = (
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastvit_kernels::head_mixing_attention", mutates_args=())
-def _head_mixing_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], pre_mix: Optional[Tensor],
-                           post_mix: Optional[Tensor], norm_weight: Optional[Tensor],
-                           norm_bias: Optional[Tensor], norm_eps: float) -> Tensor:
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], pre_mix: Optional[Tensor],
+             post_mix: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+             norm_eps: float) -> Tensor:
     check_inputs(q, k, v, scale, pre_mix, post_mix, norm_weight, norm_bias, norm_eps)
     out = new_output(q, v)
     if out.numel() == 0:
@@ -274,6 +275,10 @@ def _head_mixing_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[floa
     backends.run("head_mixing_attention", IMPLEMENTATIONS, q.device, q, k, v, resolve_scale(q, scale), pre_mix,
                  post_mix, norm_weight, norm_bias, norm_eps, out)
     return out
+
+
+_head_mixing_attention = torch.library.custom_op("fastvit_kernels::head_mixing_attention", _forward,
+                                                 mutates_args=())
 
 
 @_head_mixing_attention.register_fake
