@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .deepvit import mixed_attend
-from .vit import FeedForward, PatchEmbedding, check_image, pair, split_heads
+from .vit import FeedForward, PatchEmbedding, check_image, layer_pairs, pair, run_layer_pairs, split_heads
 
 
 def dropout_layers(layers: nn.ModuleList, dropout: float) -> list:
@@ -87,19 +87,14 @@ class Transformer(nn.Module):
                  layer_dropout: float = 0.0):
         super().__init__()
         self.layer_dropout = layer_dropout
-        self.layers = nn.ModuleList([
-            nn.ModuleList([LayerScale(dim, Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
-                                      depth=ind + 1),
-                           LayerScale(dim, FeedForward(dim, mlp_dim, dropout=dropout), depth=ind + 1)])
-            for ind in range(depth)])
+        self.layers = layer_pairs(
+            depth, lambda i: LayerScale(dim, Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout), depth=i + 1),
+            lambda i: LayerScale(dim, FeedForward(dim, mlp_dim, dropout=dropout), depth=i + 1))
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         # Layer dropout only in training (vit-pytorch drops layers in eval too).
         layers = dropout_layers(self.layers, self.layer_dropout if self.training else 0.0)
-        for attn, ff in layers:
-            x = attn(x, context=context) + x
-            x = ff(x) + x
-        return x
+        return run_layer_pairs(layers, x, self.training, context=context)
 
 
 class CaiT(nn.Module):

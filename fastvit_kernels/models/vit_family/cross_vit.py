@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .vit import FeedForward, PatchEmbedding, attend, check_image, pair, self_attend, split_heads
+from .vit import (FeedForward, PatchEmbedding, attend, check_image, layer_pairs, pair, run_layer_pairs, self_attend,
+                  split_heads)
 
 
 class Attention(nn.Module):
@@ -53,17 +54,12 @@ class Transformer(nn.Module):
 
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.layers = nn.ModuleList([
-            nn.ModuleList([Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
-                           FeedForward(dim, mlp_dim, dropout=dropout)])
-            for _ in range(depth)])
+        self.layers = layer_pairs(depth, lambda i: Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
+                                  lambda i: FeedForward(dim, mlp_dim, dropout=dropout))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return self.norm(x)
+        return self.norm(run_layer_pairs(self.layers, x, self.training))
 
 
 class ProjectInOut(nn.Module):

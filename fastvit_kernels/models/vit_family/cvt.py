@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...modules.conv_bn_act import BatchNormFold, _FoldCacheMixin, conv_bn_act
-from .vit import attend
+from .vit import attend, layer_pairs, run_layer_pairs
 
 
 class LayerNorm(nn.Module):
@@ -94,17 +94,12 @@ class Transformer(nn.Module):
     def __init__(self, dim: int, proj_kernel: int, kv_proj_stride: int, depth: int, heads: int, dim_head: int = 64,
                  mlp_mult: int = 4, dropout: float = 0.0):
         super().__init__()
-        self.layers = nn.ModuleList([
-            nn.ModuleList([Attention(dim, proj_kernel=proj_kernel, kv_proj_stride=kv_proj_stride, heads=heads,
-                                     dim_head=dim_head, dropout=dropout),
-                           FeedForward(dim, mlp_mult, dropout=dropout)])
-            for _ in range(depth)])
+        self.layers = layer_pairs(depth, lambda i: Attention(dim, proj_kernel=proj_kernel, kv_proj_stride=kv_proj_stride,
+                                                             heads=heads, dim_head=dim_head, dropout=dropout),
+                                  lambda i: FeedForward(dim, mlp_mult, dropout=dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return x
+        return run_layer_pairs(self.layers, x, self.training)
 
 
 class CvT(nn.Module):

@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...ops.head_mixing_attention import head_mixing_attention
-from .vit import FeedForward, PatchEmbedding, check_image, pair, split_heads
+from .vit import FeedForward, PatchEmbedding, check_image, layer_pairs, pair, run_layer_pairs, split_heads
 
 
 def mixed_attend(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout: nn.Dropout,
@@ -87,16 +87,11 @@ class Transformer(nn.Module):
 
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.layers = nn.ModuleList([
-            nn.ModuleList([Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
-                           FeedForward(dim, mlp_dim, dropout=dropout)])
-            for _ in range(depth)])
+        self.layers = layer_pairs(depth, lambda i: Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
+                                  lambda i: FeedForward(dim, mlp_dim, dropout=dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return x
+        return run_layer_pairs(self.layers, x, self.training)
 
 
 class DeepViT(nn.Module):

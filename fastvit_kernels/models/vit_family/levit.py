@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ...modules.conv_bn_act import FusedConvBNActSequential
 from ...ops.bias_attention import bias_attention
+from .vit import layer_pairs, run_layer_pairs
 
 
 def cast_tuple(val, length: int = 3) -> tuple:
@@ -98,17 +99,13 @@ class Transformer(nn.Module):
         super().__init__()
         dim_out = dim if dim_out is None else dim_out
         self.attn_residual = (not downsample) and dim == dim_out
-        self.layers = nn.ModuleList([
-            nn.ModuleList([Attention(dim, fmap_size=fmap_size, heads=heads, dim_key=dim_key, dim_value=dim_value,
-                                     dropout=dropout, downsample=downsample, dim_out=dim_out),
-                           FeedForward(dim_out, mlp_mult, dropout=dropout)])
-            for _ in range(depth)])
+        self.layers = layer_pairs(depth, lambda i: Attention(dim, fmap_size=fmap_size, heads=heads, dim_key=dim_key,
+                                                             dim_value=dim_value, dropout=dropout,
+                                                             downsample=downsample, dim_out=dim_out),
+                                  lambda i: FeedForward(dim_out, mlp_mult, dropout=dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x if self.attn_residual else attn(x)
-            x = ff(x) + x
-        return x
+        return run_layer_pairs(self.layers, x, self.training, attn_residual=self.attn_residual)
 
 
 class LeViT(nn.Module):

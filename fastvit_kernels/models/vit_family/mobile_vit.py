@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ...modules.conv_bn_act import BatchNormFold, FusedConvBNActSequential, activation_name, conv_bn_act
 from ...ops.patch_attention import patch_attention
+from .vit import layer_pairs, run_layer_pairs
 
 
 def conv_1x1_bn(inp: int, oup: int) -> FusedConvBNActSequential:
@@ -113,15 +114,11 @@ class Transformer(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0,
                  patch_size: Tuple[int, int] = (2, 2)):
         super().__init__()
-        self.layers = nn.ModuleList([
-            nn.ModuleList([Attention(dim, heads, dim_head, dropout, patch_size), FeedForward(dim, mlp_dim, dropout)])
-            for _ in range(depth)])
+        self.layers = layer_pairs(depth, lambda i: Attention(dim, heads, dim_head, dropout, patch_size),
+                                  lambda i: FeedForward(dim, mlp_dim, dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return x
+        return run_layer_pairs(self.layers, x, self.training)
 
 
 class MV2Block(nn.Module):

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ...ops.dwconv_bn_act import KERNEL_SIZES, STRIDES, dwconv_bn_act
 from .t2t import ChannelsLast, conv_output_size
-from .vit import Attention, FeedForward
+from .vit import Attention, FeedForward, layer_pairs, run_layer_pairs
 
 
 def cast_tuple(val, num: int) -> tuple:
@@ -30,16 +30,11 @@ class Transformer(nn.Module):
 
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.layers = nn.ModuleList([
-            nn.ModuleList([Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
-                           FeedForward(dim, mlp_dim, dropout=dropout)])
-            for _ in range(depth)])
+        self.layers = layer_pairs(depth, lambda i: Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
+                                  lambda i: FeedForward(dim, mlp_dim, dropout=dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return x
+        return run_layer_pairs(self.layers, x, self.training)
 
 
 def fits_dwconv(conv: nn.Conv2d) -> bool:

@@ -6,13 +6,14 @@ build on :class:`Attention`, :class:`FeedForward` and :class:`Transformer` here.
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Callable, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...modules.patch_transformer import can_overwrite
 from ...ops.patch_attention import attention, patch_attention
 
 
@@ -77,22 +78,40 @@ class Attention(nn.Module):
         return self.to_out(out)
 
 
+def layer_pairs(depth: int, attention: Callable[[int], nn.Module], feed_forward: Callable[[int], nn.Module]
+                ) -> nn.ModuleList:
+    """The ``layers`` of every vit-pytorch Transformer: ``depth`` [attention, feed-forward] pairs
+    (keys ``layers.<i>.0``, ``layers.<i>.1``); the factories get the layer index."""
+    return nn.ModuleList([nn.ModuleList([attention(i), feed_forward(i)]) for i in range(depth)])
+
+
+def run_layer_pairs(layers, x: Tensor, training: bool, attn_residual: bool = True, **attn_kwargs) -> Tensor:
+    """``x = attn(x) + x; x = ff(x) + x`` per pair (the attention's residual optional, for LeViT's
+    downsampling layers). In inference each sum goes into the branch's fresh output, not a new buffer."""
+    for attn, ff in layers:
+        branch = attn(x, **attn_kwargs)
+        x = _add_to_branch(branch, x, training) if attn_residual else branch
+        x = _add_to_branch(ff(x), x, training)
+    return x
+
+
+def _add_to_branch(branch: Tensor, x: Tensor, training: bool) -> Tensor:
+    """vit-pytorch's ``branch + x``, kept in that operand order (autograd sums x's two gradients in
+    it); in inference written into the branch's fresh output."""
+    return branch.add_(x) if not training and can_overwrite(branch) else branch + x
+
+
 class Transformer(nn.Module):
     """vit-pytorch's ``Transformer``: pre-norm attention and MLP blocks, a final LayerNorm."""
 
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.layers = nn.ModuleList([
-            nn.ModuleList([Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
-                           FeedForward(dim, mlp_dim, dropout=dropout)])
-            for _ in range(depth)])
+        self.layers = layer_pairs(depth, lambda i: Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
+                                  lambda i: FeedForward(dim, mlp_dim, dropout=dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return self.norm(x)
+        return self.norm(run_layer_pairs(self.layers, x, self.training))
 
 
 def check_image(img: Tensor, channels: int, image_size: Tuple[int, int], patch_size: Tuple[int, int],
