@@ -7,7 +7,7 @@ affected backend is unavailable and ``python -m fastvit_kernels.info`` says why.
 from .backends import BACKENDS, BackendUnavailable, use_backend
 from .models import create_model, list_models
 from .modules import FusedConvBNAct, FusedConvBNActSequential, FusedMobileViTBlock
-from .ops import bias_attention, dwconv_bn_act, patch_attention, xca_attention
+from .ops import bias_attention, dwconv_bn_act, dwconv_layernorm, patch_attention, xca_attention
 from .patch import patch
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "bias_attention",
     "create_model",
     "dwconv_bn_act",
+    "dwconv_layernorm",
     "list_models",
     "patch",
     "patch_attention",

@@ -4,13 +4,15 @@ import importlib
 
 from .bias_attention import bias_attention
 from .dwconv_bn_act import dwconv_bn_act
+from .dwconv_layernorm import dwconv_layernorm
 from .patch_attention import patch_attention
 from .xca_attention import xca_attention
 
-__all__ = ["bias_attention", "dwconv_bn_act", "patch_attention", "xca_attention", "implementations"]
+__all__ = ["bias_attention", "dwconv_bn_act", "dwconv_layernorm", "patch_attention", "xca_attention",
+           "implementations"]
 
 
 def implementations() -> dict:
     """``{op name: backend names it implements}``, from each op module's ``IMPLEMENTATIONS`` table."""
     return {name: tuple(impl.backend for impl in importlib.import_module(f"{__name__}.{name}").IMPLEMENTATIONS)
-            for name in ("dwconv_bn_act", "patch_attention", "xca_attention", "bias_attention")}
+            for name in ("dwconv_bn_act", "dwconv_layernorm", "patch_attention", "xca_attention", "bias_attention")}
