@@ -45,6 +45,9 @@ _MIN_LANE_USE = 0.8
 # LAYERNORM: channel blocks (C rounded up to a power of two), pixels filling the usual tile of
 # NUM_WARPS * 32 * _ELEMS_PER_THREAD elements (at least one pixel: 1024 channels are 8 per thread).
 # EdgeNeXt's widths are 24..584; wider layers go to the CUDA kernel.
+# Known AOT finding: ptxas keeps 2 registers (8 B of stack) across the tap loop in one of the 420
+# variants (sm_80, fp16, K=3, BLOCK_C=256, unspecialized), at 56 registers; tiles of 4 pixels at
+# 256 channels moved that to another variant (sm_90, fp16, K=5), so it is left as it is.
 _LN_BLOCK_C = (16, 32, 64, 128, 256, 512, 1024)
 LAYERNORM_MAX_CHANNELS = _LN_BLOCK_C[-1]
 
@@ -54,12 +57,13 @@ def _layernorm_over_channels(z, chan, chan_in, nw_ptr, nb_ptr, C, eps):
     """LayerNorm of each pixel (row) of a [BLOCK_P, BLOCK_C] tile that holds all C channels.
 
     Channels >= C hold exactly 0 (masked loads, zero bias): they add nothing to the sums, and are
-    masked out of the deviations. Two passes, mean then squared deviations, in fp32; an IEEE sqrt
-    (not rsqrt.approx), as the C++ kernels (csrc/dwconv_layernorm.h).
+    masked out of the deviations. Two passes, mean then squared deviations, in fp32. tl.rsqrt
+    (approximate, ~2 ulp: far inside the tolerance) rather than a division by an IEEE sqrt, whose
+    slow path is a subroutine call; the C++ kernels use the IEEE form (csrc/dwconv_layernorm.h).
     """
     mean = tl.sum(z, axis=1) / C
     dev = tl.where(chan_in[None, :], z - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(dev * dev, axis=1) / C + eps)
+    rstd = tl.rsqrt(tl.sum(dev * dev, axis=1) / C + eps)
     w = tl.load(nw_ptr + chan, mask=chan_in, other=0.0)
     b = tl.load(nb_ptr + chan, mask=chan_in, other=0.0)
     return dev * rstd[:, None] * w[None, :] + b[None, :]
