@@ -32,18 +32,26 @@ FVK_HD inline acc_t layernorm_apply(acc_t y, acc_t mean, acc_t rstd, acc_t weigh
 }
 
 // Mean and rstd of the n values v[0..n) (one pixel's channels, contiguous): the CPU epilogue. The
-// CUDA kernel forms the same two sums with warp reductions and calls layernorm_rstd.
+// CUDA kernel forms the same two sums with warp reductions and calls layernorm_rstd. Each sum runs
+// in eight independent chains: one chain is latency-bound (an add's latency per channel), which at
+// EdgeNeXt's widths cost more than the pixel's vectorized conv taps.
 template <typename acc_t>
 FVK_HD inline void layernorm_stats(const acc_t* v, int64_t n, acc_t eps, acc_t& mean, acc_t& rstd) {
-  acc_t sum = acc_t(0);
-  for (int64_t i = 0; i < n; ++i) sum += v[i];
-  mean = sum / static_cast<acc_t>(n);
-  acc_t sq = acc_t(0);
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t d = v[i] - mean;
-    sq += d * d;
+  constexpr int kChains = 8;
+  const int64_t n8 = n / kChains * kChains;
+  acc_t s[kChains];
+  for (int k = 0; k < kChains; ++k) s[k] = acc_t(0);
+  for (int64_t i = 0; i < n8; i += kChains) {
+    for (int k = 0; k < kChains; ++k) s[k] += v[i + k];
   }
-  rstd = layernorm_rstd(sq, n, eps);
+  for (int64_t i = n8; i < n; ++i) s[0] += v[i];
+  mean = (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))) / static_cast<acc_t>(n);
+  for (int k = 0; k < kChains; ++k) s[k] = acc_t(0);
+  for (int64_t i = 0; i < n8; i += kChains) {
+    for (int k = 0; k < kChains; ++k) s[k] += (v[i + k] - mean) * (v[i + k] - mean);
+  }
+  for (int64_t i = n8; i < n; ++i) s[0] += (v[i] - mean) * (v[i] - mean);
+  rstd = layernorm_rstd(((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])), n, eps);
 }
 
 }  // namespace fastvit_kernels

@@ -133,8 +133,14 @@ FVK_ALWAYS_INLINE void store_pixel(const PixelEpilogue<acc_t>& e,
     for (int64_t c = 0; c < C; ++c) acc[c] += e.bias[c];
     acc_t mean, rstd;
     layernorm_stats(acc, C, e.eps, mean, rstd);
-    for (int64_t c = 0; c < C; ++c) {
-      out[c * o_sc] = static_cast<scalar_t>(layernorm_apply(acc[c], mean, rstd, e.norm_weight[c], e.norm_bias[c]));
+    const acc_t* __restrict nw = e.norm_weight;
+    const acc_t* __restrict nb = e.norm_bias;
+    if (o_sc == 1) {  // channels_last out (always, from the op): spelled out so that it vectorizes
+      for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(layernorm_apply(acc[c], mean, rstd, nw[c], nb[c]));
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        out[c * o_sc] = static_cast<scalar_t>(layernorm_apply(acc[c], mean, rstd, nw[c], nb[c]));
+      }
     }
   } else {
     store_act(e.act, acc, e.bias, 1, out, o_sc, C);

@@ -45,9 +45,9 @@ _MIN_LANE_USE = 0.8
 # LAYERNORM: channel blocks (C rounded up to a power of two), pixels filling the usual tile of
 # NUM_WARPS * 32 * _ELEMS_PER_THREAD elements (at least one pixel: 1024 channels are 8 per thread).
 # EdgeNeXt's widths are 24..584; wider layers go to the CUDA kernel.
-# Known AOT finding: ptxas keeps 2 registers (8 B of stack) across the tap loop in one of the 420
-# variants (sm_80, fp16, K=3, BLOCK_C=256, unspecialized), at 56 registers; tiles of 4 pixels at
-# 256 channels moved that to another variant (sm_90, fp16, K=5), so it is left as it is.
+# Known AOT finding: ptxas keeps 2 registers (8 B of stack) across the tap loop, at 48-56 registers,
+# in 2 of the 420 LAYERNORM variants (sm_80 fp16 K=3 BLOCK_C=256 unspecialized; sm_90 fp32 K=7
+# BLOCK_C=128 specialized). Tiles of 4 pixels at 256 channels only moved it to another variant.
 _LN_BLOCK_C = (16, 32, 64, 128, 256, 512, 1024)
 LAYERNORM_MAX_CHANNELS = _LN_BLOCK_C[-1]
 
