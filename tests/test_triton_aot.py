@@ -12,7 +12,8 @@ constexpr) are compiled once per config.
 Select with ``pytest -k triton_aot``. dwconv_bn_act: 280 compiles, about 70 CPU-seconds with a cold
 Triton cache (45-50 s on an otherwise idle 2-core machine); patch_attention: 64 compiles, about
 45 CPU-seconds (25-30 s); xca_attention: 140 compiles, about 120 CPU-seconds (100-110 s on a
-loaded 2-core machine); bias_attention: 192 compiles, about 220 CPU-seconds. A few seconds with a
+loaded 2-core machine); bias_attention: 192 compiles, about 220 CPU-seconds; dwconv_layernorm (the
+dwconv kernel with LAYERNORM=True): 420 compiles, 6 minutes on a heavily loaded 2-core machine. A few seconds with a
 warm cache.
 """
 import pytest
