@@ -18,6 +18,14 @@ void dwconv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
 void dwconv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                         int64_t kernel_size, int64_t stride, int64_t act, const at::Tensor& out);
 #endif
+void dwconv_layernorm_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                          const at::Tensor& norm_weight, const at::Tensor& norm_bias, int64_t kernel_size,
+                          int64_t stride, double eps, const at::Tensor& out);
+#ifdef WITH_CUDA
+void dwconv_layernorm_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                           const at::Tensor& norm_weight, const at::Tensor& norm_bias, int64_t kernel_size,
+                           int64_t stride, double eps, const at::Tensor& out);
+#endif
 void patch_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ph, int64_t pw,
                          double scale, const at::Tensor& out);
 #ifdef WITH_CUDA
@@ -43,16 +51,14 @@ namespace {
 
 // ---- dwconv_bn_act ------------------------------------------------------------------------------
 
-void check_dwconv_bn_act(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                         int64_t K, int64_t stride, int64_t act, const at::Tensor& out) {
-  constexpr const char* op = "dwconv_bn_act_out";
+// The depthwise conv's arguments, shared by dwconv_bn_act_out and dwconv_layernorm_out (`op`).
+void check_dwconv(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                  int64_t K, int64_t stride, const at::Tensor& out) {
   TORCH_CHECK(weight.device() == x.device() && bias.device() == x.device() && out.device() == x.device(),
               op, ": all tensors must be on one device, got x on ", x.device(), ", weight on ",
               weight.device(), ", bias on ", bias.device(), ", out on ", out.device());
   TORCH_CHECK(K >= 1 && K <= 9 && K % 2 == 1, op, ": kernel_size must be odd and in 1..9, got ", K);
   TORCH_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
-  TORCH_CHECK(act == 0 || act == 1 || act == 2, op,
-              ": act must be 0 (none), 1 (SiLU) or 2 (ReLU), got ", act);
 
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble, op,
@@ -91,6 +97,14 @@ void check_dwconv_bn_act(const at::Tensor& x, const at::Tensor& weight, const at
               ": out must not share memory with x (in-place is not supported)");
 }
 
+void check_dwconv_bn_act(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         int64_t K, int64_t stride, int64_t act, const at::Tensor& out) {
+  constexpr const char* op = "dwconv_bn_act_out";
+  check_dwconv(op, x, weight, bias, K, stride, out);
+  TORCH_CHECK(act == 0 || act == 1 || act == 2, op,
+              ": act must be 0 (none), 1 (SiLU) or 2 (ReLU), got ", act);
+}
+
 void dwconv_bn_act_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                            int64_t kernel_size, int64_t stride, int64_t act, const at::Tensor& out) {
   check_dwconv_bn_act(x, weight, bias, kernel_size, stride, act, out);
@@ -102,6 +116,47 @@ void dwconv_bn_act_out_cuda(const at::Tensor& x, const at::Tensor& weight, const
                             int64_t kernel_size, int64_t stride, int64_t act, const at::Tensor& out) {
   check_dwconv_bn_act(x, weight, bias, kernel_size, stride, act, out);
   dwconv_bn_act_cuda(x, weight, bias, kernel_size, stride, act, out);
+}
+#endif
+
+// ---- dwconv_layernorm ---------------------------------------------------------------------------
+
+void check_dwconv_layernorm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            const at::Tensor& norm_weight, const at::Tensor& norm_bias, int64_t K,
+                            int64_t stride, double eps, const at::Tensor& out) {
+  constexpr const char* op = "dwconv_layernorm_out";
+  check_dwconv(op, x, weight, bias, K, stride, out);
+  const int64_t C = x.size(1);
+  const auto acc_dt = bias.scalar_type();  // checked above: float32, float64 for float64 x
+  const char* names[] = {"norm_weight", "norm_bias"};
+  const at::Tensor* params[] = {&norm_weight, &norm_bias};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& t = *params[i];
+    TORCH_CHECK(t.device() == x.device(), op, ": ", names[i], " is on ", t.device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(t.scalar_type() == acc_dt, op, ": ", names[i], " must be ", acc_dt, " for x of dtype ",
+                x.scalar_type(), ", got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.is_contiguous(), op, ": ", names[i],
+                " must be a contiguous [C] = [", C, "] tensor, got shape ", t.sizes(), " and strides ",
+                t.strides());
+  }
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be finite and > 0, got ", eps);
+  TORCH_CHECK(C >= 1, op, ": x must have at least one channel to normalise, got shape ", x.sizes());
+}
+
+void dwconv_layernorm_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& norm_weight, const at::Tensor& norm_bias, int64_t kernel_size,
+                              int64_t stride, double eps, const at::Tensor& out) {
+  check_dwconv_layernorm(x, weight, bias, norm_weight, norm_bias, kernel_size, stride, eps, out);
+  dwconv_layernorm_cpu(x, weight, bias, norm_weight, norm_bias, kernel_size, stride, eps, out);
+}
+
+#ifdef WITH_CUDA
+void dwconv_layernorm_out_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                               const at::Tensor& norm_weight, const at::Tensor& norm_bias, int64_t kernel_size,
+                               int64_t stride, double eps, const at::Tensor& out) {
+  check_dwconv_layernorm(x, weight, bias, norm_weight, norm_bias, kernel_size, stride, eps, out);
+  dwconv_layernorm_cuda(x, weight, bias, norm_weight, norm_bias, kernel_size, stride, eps, out);
 }
 #endif
 
@@ -310,6 +365,11 @@ TORCH_LIBRARY(fastvit_kernels_C, m) {
   m.def(
       "dwconv_bn_act_out(Tensor x, Tensor weight, Tensor bias, int kernel_size, int stride, int act, "
       "Tensor(a!) out) -> ()");
+  // Writes LayerNorm over the channels of each pixel of depthwise_conv(x, weight) + bias into out:
+  // (y - mean_c y) / sqrt(var_c y + eps) * norm_weight + norm_bias; weight [C, K*K], the rest [C].
+  m.def(
+      "dwconv_layernorm_out(Tensor x, Tensor weight, Tensor bias, Tensor norm_weight, Tensor norm_bias, "
+      "int kernel_size, int stride, float eps, Tensor(a!) out) -> ()");
   // Writes patch-grouped multi-head attention softmax(scale q k^T) v into out [B, heads, Hq, Wq, dv]; q
   // [B, heads, Hq, Wq, d], k [B, heads, Hk, Wk, d], v [B, heads, Hk, Wk, dv]: any strides (MobileViT: three
   // views of one image-ordered qkv; cross attention: [B, heads, 1, N, d] views with ph = pw = 1). Queries
@@ -329,6 +389,7 @@ TORCH_LIBRARY(fastvit_kernels_C, m) {
 
 TORCH_LIBRARY_IMPL(fastvit_kernels_C, CPU, m) {
   m.impl("dwconv_bn_act_out", &fastvit_kernels::dwconv_bn_act_out_cpu);
+  m.impl("dwconv_layernorm_out", &fastvit_kernels::dwconv_layernorm_out_cpu);
   m.impl("patch_attention_out", &fastvit_kernels::patch_attention_out_cpu);
   m.impl("xca_attention_out", &fastvit_kernels::xca_attention_out_cpu);
   m.impl("bias_attention_out", &fastvit_kernels::bias_attention_out_cpu);
@@ -337,6 +398,7 @@ TORCH_LIBRARY_IMPL(fastvit_kernels_C, CPU, m) {
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(fastvit_kernels_C, CUDA, m) {
   m.impl("dwconv_bn_act_out", &fastvit_kernels::dwconv_bn_act_out_cuda);
+  m.impl("dwconv_layernorm_out", &fastvit_kernels::dwconv_layernorm_out_cuda);
   m.impl("patch_attention_out", &fastvit_kernels::patch_attention_out_cuda);
   m.impl("xca_attention_out", &fastvit_kernels::xca_attention_out_cuda);
   m.impl("bias_attention_out", &fastvit_kernels::bias_attention_out_cuda);

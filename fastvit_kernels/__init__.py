@@ -7,7 +7,8 @@ affected backend is unavailable and ``python -m fastvit_kernels.info`` says why.
 from .backends import BACKENDS, BackendUnavailable, use_backend
 from .models import create_model, list_models
 from .modules import FusedConvBNAct, FusedConvBNActSequential, FusedMobileViTBlock
-from .ops import attention, bias_attention, dwconv_bn_act, head_mixing_attention, patch_attention, xca_attention
+from .ops import (attention, bias_attention, dwconv_bn_act, dwconv_layernorm, head_mixing_attention, patch_attention,
+                  xca_attention)
 from .patch import patch
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "bias_attention",
     "create_model",
     "dwconv_bn_act",
+    "dwconv_layernorm",
     "head_mixing_attention",
     "list_models",
     "patch",

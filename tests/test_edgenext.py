@@ -9,6 +9,7 @@ import torch.nn as nn
 from timm.models.edgenext import ConvBlock, CrossCovarianceAttn, SplitTransposeBlock
 
 import fastvit_kernels as fk
+import fastvit_kernels.modules.edgenext as edgenext_modules
 from fastvit_kernels.models.edgenext import convert_official_edgenext
 from fastvit_kernels.modules.edgenext import FusedConvBlock, FusedSDTABlock, FusedXCA
 from helpers import BACKENDS, DEVICE, INTERPRETED, assert_close, make_input
@@ -66,6 +67,60 @@ def test_conv_block_matches_timm(backend, kernel_size):
     block = perturb(ConvBlock(16, kernel_size=kernel_size)).eval()
     check_eval(block, FusedConvBlock.from_module(copy.deepcopy(block)), make_input((2, 16, 9, 8), torch.float32),
                backend, f"conv k{kernel_size}")
+
+
+def _spy_dwconv_layernorm(monkeypatch):
+    """Record each call of dwconv_layernorm from the EdgeNeXt modules (and still run it)."""
+    calls = []
+    real = edgenext_modules.dwconv_layernorm
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(edgenext_modules, "dwconv_layernorm", spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kernel_size,conv_bias", [(3, True), (7, True), (9, False)])
+def test_conv_block_fuses_conv_and_norm(monkeypatch, backend, kernel_size, conv_bias):
+    """The block's dwconv + LayerNorm run as one dwconv_layernorm call and still match timm."""
+    calls = _spy_dwconv_layernorm(monkeypatch)
+    block = perturb(ConvBlock(24, kernel_size=kernel_size, conv_bias=conv_bias)).eval()
+    fused = FusedConvBlock.from_module(copy.deepcopy(block))
+    check_eval(block, fused, make_input((2, 24, 7, 5), torch.float32, "channels_last"), backend, "fused conv+norm")
+    assert calls == [(2, 24, 7, 5)]
+
+
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_conv_block_fused_training_matches_timm(monkeypatch, backend):
+    calls = _spy_dwconv_layernorm(monkeypatch)
+    block = perturb(ConvBlock(24, kernel_size=7)).train()
+    fused = FusedConvBlock.from_module(copy.deepcopy(block)).train()
+    x = make_input((2, 24, 6, 5), torch.float32)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(2, 24, 6, 5, device=DEVICE)
+    with fk.use_backend(backend):
+        out = fused(x_ours)
+        out.backward(grad)
+    ref = block(x_ref)
+    ref.backward(grad)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    for name, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, block.get_parameter(name).grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_block_with_shortcut_after_conv_keeps_separate_norm(monkeypatch, backend):
+    """A stride-2 block needs the conv output itself (it is the residual): no fusion, same result."""
+    calls = _spy_dwconv_layernorm(monkeypatch)
+    block = perturb(ConvBlock(16, kernel_size=5, stride=2)).eval()
+    check_eval(block, FusedConvBlock.from_module(copy.deepcopy(block)), make_input((2, 16, 6, 7), torch.float32),
+               backend, "conv stride 2")
+    assert calls == []
 
 
 def test_positional_encoding_follows_weight_changes_and_resolution():

@@ -12,7 +12,8 @@ constexpr) are compiled once per config.
 Select with ``pytest -k triton_aot``. dwconv_bn_act: 280 compiles, about 70 CPU-seconds with a cold
 Triton cache (45-50 s on an otherwise idle 2-core machine); patch_attention: 64 compiles, about
 45 CPU-seconds (25-30 s); xca_attention: 140 compiles, about 120 CPU-seconds (100-110 s on a
-loaded 2-core machine); bias_attention: 192 compiles, about 220 CPU-seconds. A few seconds with a
+loaded 2-core machine); bias_attention: 192 compiles, about 220 CPU-seconds; dwconv_layernorm (the
+dwconv kernel with LAYERNORM=True): 420 compiles, 6 minutes on a heavily loaded 2-core machine. A few seconds with a
 warm cache.
 """
 import pytest
@@ -27,7 +28,7 @@ from fastvit_kernels.triton import patch_attention as pa  # noqa: E402
 from fastvit_kernels.triton import xca_attention as xa  # noqa: E402
 
 
-def _dwconv_example_args(dtype, channels_last: bool, kernel_size: int) -> tuple:
+def _dwconv_example_args(dtype, channels_last: bool, kernel_size: int, layernorm: bool) -> tuple:
     """Launch arguments for a dense NCHW or channels_last input whose sizes are multiples of 16."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     n, c, h, w, stride = 2, 64, 32, 32, 2
@@ -36,13 +37,18 @@ def _dwconv_example_args(dtype, channels_last: bool, kernel_size: int) -> tuple:
     out = torch.empty(n, c, oh, ow, dtype=dtype).contiguous(memory_format=fmt)
     weight = torch.empty(c, kernel_size * kernel_size)
     bias = torch.empty(c)
+    if layernorm:
+        return dw.kernel_args(x, weight, bias, stride, dw.ACT_NONE, out, torch.empty(c), torch.empty(c), 1e-6)
     return dw.kernel_args(x, weight, bias, stride, dw.ACT_SILU, out)
 
 
-def _dwconv_jobs():
+def _dwconv_jobs(layernorm: bool):
+    """dwconv_bn_act's variants (LAYERNORM=False), or dwconv_layernorm's (the same kernel, True)."""
     kernel = dw._dwconv_bn_act_kernel
     for cfg in dw.all_kernel_configs():
-        example = _dwconv_example_args(cfg.dtype, cfg.constexprs["CHANNELS_LAST"], cfg.constexprs["K"])
+        if cfg.constexprs["LAYERNORM"] != layernorm:
+            continue
+        example = _dwconv_example_args(cfg.dtype, cfg.constexprs["CHANNELS_LAST"], cfg.constexprs["K"], layernorm)
         for specialized in (False, True):
             signature, constexprs, attrs = aot.specialize(kernel, example, cfg.constexprs, specialized)
             for arch in aot.ARCHS:
@@ -62,7 +68,11 @@ def assert_compile_without_spills(jobs, columns, pointer):
 
 
 def test_triton_aot_dwconv_bn_act_every_config_compiles_without_spills():
-    assert_compile_without_spills(_dwconv_jobs(), ["K", "CHANNELS_LAST", "BLOCK_P", "BLOCK_C"], "x_ptr")
+    assert_compile_without_spills(_dwconv_jobs(False), ["K", "CHANNELS_LAST", "BLOCK_P", "BLOCK_C"], "x_ptr")
+
+
+def test_triton_aot_dwconv_layernorm_every_config_compiles_without_spills():
+    assert_compile_without_spills(_dwconv_jobs(True), ["K", "BLOCK_P", "BLOCK_C"], "x_ptr")
 
 
 @pytest.mark.parametrize("dtype", dw.DTYPES)
@@ -78,6 +88,21 @@ def test_triton_aot_dwconv_bn_act_enumeration_covers_launches(dtype):
                 for stride in dw.STRIDES:
                     cfg = dw.launch_config(x, k, stride, dw.ACT_RELU)
                     assert (dtype, cfg.constexprs, cfg.num_warps) in known, (x.shape, fmt, k, stride)
+
+
+@pytest.mark.parametrize("dtype", dw.DTYPES)
+def test_triton_aot_dwconv_layernorm_enumeration_covers_launches(dtype):
+    """Whatever launch_config picks with the LayerNorm epilogue is in all_kernel_configs."""
+    known = [(c.dtype, c.constexprs, c.num_warps) for c in dw.all_kernel_configs()]
+    shapes = [(1, 3, 7, 9), (8, 24, 56, 56), (8, 48, 28, 28), (8, 88, 14, 14), (8, 168, 7, 7), (2, 304, 7, 7),
+              (1, 584, 7, 7), (1, 1024, 3, 3), (3, 17, 1, 1)]
+    for n, c, h, w in shapes:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.empty(n, c, h, w, dtype=dtype, device="meta").contiguous(memory_format=fmt)
+            for k in dw.KERNEL_SIZES:
+                cfg = dw.launch_config(x, k, 1, dw.ACT_NONE, layernorm=True)
+                assert cfg.constexprs["BLOCK_C"] >= c and cfg.constexprs["CHANNELS_LAST"]
+                assert (dtype, cfg.constexprs, cfg.num_warps) in known, (x.shape, fmt, k)
 
 
 def _patch_attention_example_args(dtype, d_pad: int) -> tuple:

@@ -12,6 +12,11 @@
 // dwconv_epilogue (bias + activation), so they agree with each other and with the CUDA kernel up to
 // the compiler's use of fused multiply-adds.
 //
+// dwconv_layernorm (EdgeNeXt's ConvBlock) runs the channels_last path with its LayerNorm epilogue
+// (template flag LN): that path already holds all C sums of an output pixel in a scratch row, which
+// is what a LayerNorm over the channels needs. Inputs of other layouts are copied to channels_last
+// first.
+//
 // Borders: the NCHW path zero-pads in its band buffer instead of calling the bounds-checked
 // per-point function for border outputs: at 14x14 the border is 27% of the outputs, and scalar
 // calls for those cost more than eager PyTorch's whole op. The channels_last path skips the
@@ -26,6 +31,7 @@
 #include <vector>
 
 #include "../dwconv_bn_act.h"
+#include "../dwconv_layernorm.h"
 #include "simd.h"
 
 namespace fastvit_kernels {
@@ -102,6 +108,42 @@ FVK_ALWAYS_INLINE void store_act(int act, const acc_t* acc, const acc_t* bias, i
       return store_act<kActRelu>(acc, bias, bias_step, out, out_step, n);
     default:
       return store_act<kActNone>(acc, bias, bias_step, out, out_step, n);
+  }
+}
+
+// What the channels_last path does with the C window sums of one output pixel: bias + activation
+// (dwconv_bn_act), or, with the template flag LN, bias + LayerNorm over the channels
+// (dwconv_layernorm, math in ../dwconv_layernorm.h).
+template <typename acc_t>
+struct PixelEpilogue {
+  const acc_t* bias;         // [C]
+  int act;                   // kAct*, without LN
+  const acc_t* norm_weight;  // [C], with LN
+  const acc_t* norm_bias;    // [C], with LN
+  acc_t eps;                 // with LN
+};
+
+template <bool LN, typename scalar_t, typename acc_t>
+FVK_ALWAYS_INLINE void store_pixel(const PixelEpilogue<acc_t>& e,
+                                   acc_t* __restrict acc,     // C window sums; LN overwrites them
+                                   scalar_t* __restrict out,  // &out[n, 0, oy, ox]
+                                   int64_t o_sc,              // out stride along C
+                                   int64_t C) {
+  if constexpr (LN) {
+    for (int64_t c = 0; c < C; ++c) acc[c] += e.bias[c];
+    acc_t mean, rstd;
+    layernorm_stats(acc, C, e.eps, mean, rstd);
+    const acc_t* __restrict nw = e.norm_weight;
+    const acc_t* __restrict nb = e.norm_bias;
+    if (o_sc == 1) {  // channels_last out (always, from the op): spelled out so that it vectorizes
+      for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(layernorm_apply(acc[c], mean, rstd, nw[c], nb[c]));
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        out[c * o_sc] = static_cast<scalar_t>(layernorm_apply(acc[c], mean, rstd, nw[c], nb[c]));
+      }
+    }
+  } else {
+    store_act(e.act, acc, e.bias, 1, out, o_sc, C);
   }
 }
 
@@ -463,13 +505,13 @@ FVK_ALWAYS_INLINE void cl_block_sums(const acc_t* x_n, int64_t x_sh, int64_t x_s
   }
 }
 
-template <typename acc_t>
+template <bool LN, typename acc_t>
 FVK_CPU_CLONES void cl_row_blocked(const acc_t* x_n,       // &x[n, 0, 0, 0]
                                    int64_t x_sh,           // x stride along H
                                    int64_t x_sw,           // x stride along W (along C: 1)
                                    const acc_t* weight_t,  // [K*K, C]
-                                   const acc_t* bias,      // [C]
-                                   const Dims& d, int64_t oy, int act,
+                                   const PixelEpilogue<acc_t>& e,
+                                   const Dims& d, int64_t oy,
                                    acc_t* out_row,         // &out[n, 0, oy, 0]
                                    int64_t o_sc,           // out stride along C
                                    int64_t o_sw,           // out stride along W
@@ -497,7 +539,7 @@ FVK_CPU_CLONES void cl_row_blocked(const acc_t* x_n,       // &x[n, 0, 0, 0]
       }
     }
     for (int64_t ox = g0; ox < g1; ++ox) {
-      store_act(act, acc + (ox - g0) * C, bias, 1, out_row + ox * o_sw, o_sc, C);
+      store_pixel<LN>(e, acc + (ox - g0) * C, out_row + ox * o_sw, o_sc, C);
     }
   }
 }
@@ -525,13 +567,13 @@ FVK_ALWAYS_INLINE void add_taps(const scalar_t* const* tap_x, const acc_t* const
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <bool LN, typename scalar_t, typename acc_t>
 FVK_CPU_CLONES void cl_row_passes(const scalar_t* x_n,     // &x[n, 0, 0, 0]
                                   int64_t x_sh,            // x stride along H
                                   int64_t x_sw,            // x stride along W (along C: 1)
                                   const acc_t* weight_t,   // [K*K, C]
-                                  const acc_t* bias,       // [C]
-                                  const Dims& d, int64_t oy, int act,
+                                  const PixelEpilogue<acc_t>& e,
+                                  const Dims& d, int64_t oy,
                                   scalar_t* out_row,       // &out[n, 0, oy, 0]
                                   int64_t o_sc,            // out stride along C
                                   int64_t o_sw,            // out stride along W
@@ -562,13 +604,13 @@ FVK_CPU_CLONES void cl_row_passes(const scalar_t* x_n,     // &x[n, 0, 0, 0]
       case 1: add_taps<1>(tap_x + t, tap_w + t, C, acc); break;
       default: break;
     }
-    store_act(act, acc, bias, 1, out_row + ox * o_sw, o_sc, C);
+    store_pixel<LN>(e, acc, out_row + ox * o_sw, o_sc, C);
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void dwconv_channels_last(const at::Tensor& x, const acc_t* weight_t, const acc_t* bias, const Dims& d,
-                          int act, const at::Tensor& out) {
+template <bool LN, typename scalar_t, typename acc_t>
+void dwconv_channels_last(const at::Tensor& x, const acc_t* weight_t, const PixelEpilogue<acc_t>& e,
+                          const Dims& d, const at::Tensor& out) {
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const int64_t x_sn = x.stride(0), x_sh = x.stride(2), x_sw = x.stride(3);
@@ -587,14 +629,14 @@ void dwconv_channels_last(const at::Tensor& x, const acc_t* weight_t, const acc_
 #ifdef FVK_VECTOR_EXT
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         if (blocked) {
-          cl_row_blocked(xp + n * x_sn, x_sh, x_sw, weight_t, bias, d, oy, act, op + n * o_sn + oy * o_sh,
-                         o_sc, o_sw, acc.data());
+          cl_row_blocked<LN>(xp + n * x_sn, x_sh, x_sw, weight_t, e, d, oy, op + n * o_sn + oy * o_sh, o_sc,
+                             o_sw, acc.data());
           continue;
         }
       }
 #endif
-      cl_row_passes(xp + n * x_sn, x_sh, x_sw, weight_t, bias, d, oy, act, op + n * o_sn + oy * o_sh, o_sc,
-                    o_sw, acc.data());
+      cl_row_passes<LN>(xp + n * x_sn, x_sh, x_sw, weight_t, e, d, oy, op + n * o_sn + oy * o_sh, o_sc, o_sw,
+                        acc.data());
     }
   });
 }
@@ -654,10 +696,31 @@ void dwconv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
       dwconv_nchw<scalar_t>(x, w, b, d, static_cast<int>(act), out);
     } else if (channel_contiguous) {
       const at::Tensor weight_t = weight.t().contiguous();  // [K*K, C], C*K*K values: cheap
-      dwconv_channels_last<scalar_t>(x, weight_t.const_data_ptr<acc_t>(), b, d, static_cast<int>(act), out);
+      const PixelEpilogue<acc_t> e{b, static_cast<int>(act), nullptr, nullptr, acc_t(0)};
+      dwconv_channels_last<false, scalar_t>(x, weight_t.const_data_ptr<acc_t>(), e, d, out);
     } else {
       dwconv_generic<scalar_t>(x, w, b, d, static_cast<int>(act), out);
     }
+  });
+}
+
+void dwconv_layernorm_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                          const at::Tensor& norm_weight, const at::Tensor& norm_bias, int64_t kernel_size,
+                          int64_t stride, double eps, const at::Tensor& out) {
+  if (out.numel() == 0) return;
+  // The LayerNorm needs all channels of a pixel together: the channels_last path's order. Other
+  // layouts pay one copy of x into it (EdgeNeXt's maps are channels_last already).
+  const bool channel_contiguous = x.stride(1) == 1 || x.size(1) == 1;
+  const at::Tensor xc = channel_contiguous ? x : x.contiguous(at::MemoryFormat::ChannelsLast);
+  const Dims d{xc.size(0), xc.size(1), xc.size(2), xc.size(3), out.size(2), out.size(3),
+               static_cast<int>(kernel_size), static_cast<int>(stride)};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dwconv_layernorm_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const at::Tensor weight_t = weight.t().contiguous();  // [K*K, C]
+    const PixelEpilogue<acc_t> e{bias.const_data_ptr<acc_t>(), kActNone, norm_weight.const_data_ptr<acc_t>(),
+                                 norm_bias.const_data_ptr<acc_t>(), static_cast<acc_t>(eps)};
+    dwconv_channels_last<true, scalar_t>(xc, weight_t.const_data_ptr<acc_t>(), e, d, out);
   });
 }
 

@@ -5,8 +5,9 @@ EdgeNeXt (Maaz et al., arXiv:2206.10589) alternates convolution blocks (depthwis
 -> MLP -> layer scale) with SDTA blocks (res2net-style depthwise convs over channel groups, a Fourier
 positional encoding, XCA channel attention, MLP). timm runs both on NCHW maps, permuting to tokens
 and back in every block; here maps are channels_last, so ``[B, H, W, C]`` tokens are a free view.
-The depthwise convs run on ``dwconv_bn_act`` (bias, no activation) and attention on
-``xca_attention``.
+The depthwise convs run on ``dwconv_bn_act`` (bias, no activation), or, in ConvBlocks whose
+residual is taken before the conv, on ``dwconv_layernorm`` together with the LayerNorm after them;
+attention runs on ``xca_attention``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.dwconv_bn_act import dwconv_bn_act
+from ..ops.dwconv_layernorm import dwconv_layernorm
 from ..ops.xca_attention import xca_attention
 from .conv_bn_act import Unsupported, dwconv_kernel_mismatch
 from .patch_transformer import Mlp, add_residual, can_overwrite, drop_path, scale_
@@ -198,8 +200,15 @@ class FusedSDTABlock(nn.Module):
 
 
 class FusedConvBlock(nn.Module):
-    """timm EdgeNeXt ``ConvBlock``: depthwise k x k (fused kernel, bias) -> LayerNorm -> MLP -> layer
-    scale -> residual, on a channels_last map. Same arguments and keys."""
+    """timm EdgeNeXt ``ConvBlock``: depthwise k x k -> LayerNorm -> MLP -> layer scale -> residual, on a
+    channels_last map. Same arguments and keys.
+
+    The conv and the LayerNorm are one ``dwconv_layernorm`` call when the residual is the block's
+    input (stride 1, dim == dim_out: every block but a stage's first in timm's configs), the conv is
+    one the kernel takes and the norm is a ``nn.LayerNorm`` over the channels with weight and bias.
+    Otherwise the conv output is needed on its own (it is the residual) and runs on
+    ``dwconv_bn_act``, followed by the norm module.
+    """
 
     def __init__(self, dim: int, dim_out: Optional[int] = None, kernel_size: int = 7, stride: int = 1,
                  conv_bias: bool = True, expand_ratio: float = 4, ls_init_value: float = 1e-6,
@@ -228,11 +237,25 @@ class FusedConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
-        x = depthwise_conv(x.contiguous(memory_format=torch.channels_last), self.conv_dw)
-        if self.shortcut_after_dw:
-            shortcut = x
-        t = _scale(self.gamma, self.mlp(self.norm(_tokens(x))))
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self._fuses_norm():
+            conv, norm = self.conv_dw, self.norm
+            t = dwconv_layernorm(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps, conv.stride[0])
+            t = t.permute(0, 2, 3, 1)  # [B, H, W, C], a free view of the channels_last output
+        else:
+            x = depthwise_conv(x, self.conv_dw)
+            if self.shortcut_after_dw:
+                shortcut = x
+            t = self.norm(_tokens(x))
+        t = _scale(self.gamma, self.mlp(t))
         return shortcut + drop_path(t.permute(0, 3, 1, 2), self.drop_path, self.training)
+
+    def _fuses_norm(self) -> bool:
+        """Whether forward runs the conv and the norm as one ``dwconv_layernorm`` (see the class)."""
+        norm = self.norm
+        return (not self.shortcut_after_dw and dwconv_kernel_mismatch(self.conv_dw) is None
+                and type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (self.conv_dw.out_channels,)
+                and norm.weight is not None and norm.bias is not None)
 
 
 def _scale(gamma: Optional[Tensor], t: Tensor) -> Tensor:

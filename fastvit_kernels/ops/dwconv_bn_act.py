@@ -50,33 +50,36 @@ def dwconv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
 # --------------------------------------------------------------------------------------------------
 
 
-def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, act: str) -> None:
+def check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, act: str,
+                 op: str = "dwconv_bn_act") -> None:
+    """Raise a clear error for inputs the kernels do not take; ``op`` names the caller in it (the
+    ``dwconv_layernorm`` op shares these checks)."""
     if x.dim() != 4:
-        raise ValueError(f"dwconv_bn_act: x must be a 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: x must be a 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
     if x.dtype not in DTYPES:
-        raise TypeError(f"dwconv_bn_act: x.dtype {x.dtype} is not supported; supported: "
+        raise TypeError(f"{op}: x.dtype {x.dtype} is not supported; supported: "
                         f"float16, bfloat16, float32, float64")
     N, C, H, W = x.shape
     if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"dwconv_bn_act: weight must be a depthwise [C, 1, K, K] tensor with C={C} "
+        raise ValueError(f"{op}: weight must be a depthwise [C, 1, K, K] tensor with C={C} "
                          f"(the channels of x), got shape {tuple(weight.shape)}")
     K = weight.shape[-1]
     if K not in KERNEL_SIZES:
-        raise ValueError(f"dwconv_bn_act: kernel size {K} is not supported; supported: {KERNEL_SIZES}")
+        raise ValueError(f"{op}: kernel size {K} is not supported; supported: {KERNEL_SIZES}")
     if not weight.is_floating_point():
-        raise TypeError(f"dwconv_bn_act: weight.dtype {weight.dtype} is not supported; use a floating dtype")
+        raise TypeError(f"{op}: weight.dtype {weight.dtype} is not supported; use a floating dtype")
     if bias is not None and (tuple(bias.shape) != (C,) or not bias.is_floating_point()):
-        raise ValueError(f"dwconv_bn_act: bias must be a floating [C] tensor with C={C}, "
+        raise ValueError(f"{op}: bias must be a floating [C] tensor with C={C}, "
                          f"got {bias.dtype} of shape {tuple(bias.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
-            raise ValueError(f"dwconv_bn_act: {name} is on {t.device} but x is on {x.device}")
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     if stride not in STRIDES:
-        raise ValueError(f"dwconv_bn_act: stride {stride} is not supported; supported: {STRIDES}")
+        raise ValueError(f"{op}: stride {stride} is not supported; supported: {STRIDES}")
     if act not in ACTIVATIONS:
-        raise ValueError(f"dwconv_bn_act: act {act!r} is not supported; supported: {tuple(ACTIVATIONS)}")
+        raise ValueError(f"{op}: act {act!r} is not supported; supported: {tuple(ACTIVATIONS)}")
     if H < 1 or W < 1:
-        raise ValueError(f"dwconv_bn_act: x must have H, W >= 1, got {H}x{W}")
+        raise ValueError(f"{op}: x must have H, W >= 1, got {H}x{W}")
 
 
 def output_size(size: int, kernel_size: int, stride: int) -> int:
@@ -188,13 +191,21 @@ def _activation_grad(z: Tensor, grad: Tensor, act: str) -> Tensor:
 
 def _backward(ctx, grad_out: Tensor):
     x, weight, bias = ctx.saved_tensors
-    stride, act, C, K = ctx.stride, ctx.act, x.shape[1], weight.shape[-1]
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    stride, act = ctx.stride, ctx.act
     grad_z = grad_out
     if act != "none":
         # Recompute the pre-activation instead of saving it: one more forward pass, no N*C*H*W buffer.
         z = torch.ops.fastvit_kernels.dwconv_bn_act(x, weight, bias, stride, "none")
         grad_z = _activation_grad(z.float(), grad_out.float(), act)
+    return conv_backward(grad_z, x, weight, bias, stride, ctx.needs_input_grad[:3]) + (None, None)
+
+
+def conv_backward(grad_z: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int,
+                  needs_grad: Tuple[bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
+    """Gradients of ``x``, ``weight``, ``bias`` (None where not needed) of the depthwise conv, given
+    the gradient of its output ``grad_z``; also the last step of ``dwconv_layernorm``'s backward."""
+    C, K = x.shape[1], weight.shape[-1]
+    need_x, need_w, need_b = needs_grad
     # Gradients in the accumulation dtype, like the forward; aten needs x and weight in one dtype.
     acc = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
     gx, gw, gb = torch.ops.aten.convolution_backward(
@@ -203,8 +214,7 @@ def _backward(ctx, grad_out: Tensor):
         [need_x, need_w, need_b and bias is not None])
     return (gx.to(x.dtype) if need_x else None,
             gw.to(weight.dtype) if need_w else None,
-            gb.to(bias.dtype) if need_b and bias is not None else None,
-            None, None)
+            gb.to(bias.dtype) if need_b and bias is not None else None)
 
 
 _dwconv_bn_act.register_autograd(_backward, setup_context=_setup_context)

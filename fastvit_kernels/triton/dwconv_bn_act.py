@@ -1,9 +1,16 @@
-"""Triton kernel for depthwise conv + (folded) BatchNorm + activation, and its launcher.
+"""Triton kernel for depthwise conv + (folded) BatchNorm + activation, and its launchers.
 
 BatchNorm is folded into ``weight`` and ``bias`` by the caller (``ops/dwconv_bn_act.py``), so the kernel
 sees a depthwise K x K convolution with a per-channel bias and an activation epilogue. One pass: every
 program reads its input tile (plus halo) and writes its output tile once; nothing goes through memory
 in between.
+
+The same kernel with ``LAYERNORM=True`` is ``dwconv_layernorm`` (EdgeNeXt's ConvBlock,
+``ops/dwconv_layernorm.py``): the epilogue is a LayerNorm over the channels of each output pixel
+instead of the activation. A program then holds all channels of its pixels (``BLOCK_C >= C``, one
+channel block), in the channels_last tile orientation whatever x's layout: the LayerNorm reduces along
+the tile's channel axis, and the op's output is channels_last, so that orientation also stores whole
+pixels contiguously.
 """
 import contextlib
 from typing import NamedTuple, Tuple
@@ -35,6 +42,31 @@ _CL_BLOCK_C = (64, 32, 16)
 _NCHW_BLOCK_P = (256, 64)
 # The widest candidate is used once at least this share of its lanes does useful work.
 _MIN_LANE_USE = 0.8
+# LAYERNORM: channel blocks (C rounded up to a power of two), pixels filling the usual tile of
+# NUM_WARPS * 32 * _ELEMS_PER_THREAD elements (at least one pixel: 1024 channels are 8 per thread).
+# EdgeNeXt's widths are 24..584; wider layers go to the CUDA kernel.
+# Known AOT finding: ptxas keeps 2 registers (8 B of stack) across the tap loop, at 48-56 registers,
+# in 2 of the 420 LAYERNORM variants (sm_80 fp16 K=3 BLOCK_C=256 unspecialized; sm_90 fp32 K=7
+# BLOCK_C=128 specialized). Tiles of 4 pixels at 256 channels only moved it to another variant.
+_LN_BLOCK_C = (16, 32, 64, 128, 256, 512, 1024)
+LAYERNORM_MAX_CHANNELS = _LN_BLOCK_C[-1]
+
+
+@triton.jit
+def _layernorm_over_channels(z, chan, chan_in, nw_ptr, nb_ptr, C, eps):
+    """LayerNorm of each pixel (row) of a [BLOCK_P, BLOCK_C] tile that holds all C channels.
+
+    Channels >= C hold exactly 0 (masked loads, zero bias): they add nothing to the sums, and are
+    masked out of the deviations. Two passes, mean then squared deviations, in fp32. tl.rsqrt
+    (approximate, ~2 ulp: far inside the tolerance) rather than a division by an IEEE sqrt, whose
+    slow path is a subroutine call; the C++ kernels use the IEEE form (csrc/dwconv_layernorm.h).
+    """
+    mean = tl.sum(z, axis=1) / C
+    dev = tl.where(chan_in[None, :], z - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(dev * dev, axis=1) / C + eps)
+    w = tl.load(nw_ptr + chan, mask=chan_in, other=0.0)
+    b = tl.load(nb_ptr + chan, mask=chan_in, other=0.0)
+    return dev * rstd[:, None] * w[None, :] + b[None, :]
 
 
 @triton.jit
@@ -68,11 +100,14 @@ def _dwconv_bn_act_kernel(
     x_ptr,  # input  [N, C, H, W], fp32/fp16/bf16, element strides sx_*
     w_ptr,  # weight [C, K*K] fp32, element strides sw_*, BatchNorm scale already folded in
     b_ptr,  # bias   [C] fp32, contiguous, BatchNorm shift already folded in
+    nw_ptr,  # LayerNorm weight [C] fp32, contiguous; read only with LAYERNORM
+    nb_ptr,  # LayerNorm bias   [C] fp32, contiguous; read only with LAYERNORM
     out_ptr,  # output [N, C, OH, OW], same dtype as x, element strides so_*
     C, H, W,  # channels, input height, input width
     OH, OW,  # output height, width
     conv_stride,  # convolution stride, 1 or 2
-    act,  # epilogue: 0 none, 1 SiLU, 2 ReLU
+    act,  # epilogue without LAYERNORM: 0 none, 1 SiLU, 2 ReLU
+    eps,  # LayerNorm epsilon (fp32); used only with LAYERNORM
     sx_n, sx_c, sx_h, sx_w,  # x strides in elements: image, channel, row, column
     so_n, so_c, so_h, so_w,  # out strides in elements: image, channel, row, column
     sw_c, sw_t,  # weight strides in elements: channel, tap (ky * K + kx)
@@ -80,7 +115,10 @@ def _dwconv_bn_act_kernel(
     CHANNELS_LAST: tl.constexpr,  # tile orientation: True [pixels, channels], False [channels, pixels]
     BLOCK_P: tl.constexpr,  # output pixels per program (flattened oy * OW + ox)
     BLOCK_C: tl.constexpr,  # channels per program
+    LAYERNORM: tl.constexpr,  # epilogue: LayerNorm over the C channels (BLOCK_C >= C) instead of act
 ):
+    # The LayerNorm reduces along the tile's channel axis, axis 1 of the channels_last orientation.
+    tl.static_assert(CHANNELS_LAST or not LAYERNORM)
     PAD: tl.constexpr = K // 2
     n_pix = OH * OW
     n_pblocks = tl.cdiv(n_pix, BLOCK_P)
@@ -144,10 +182,13 @@ def _dwconv_bn_act_kernel(
             acc += xv.to(tl.float32) * _along_channels(wv, CHANNELS_LAST)
 
     z = acc + _along_channels(tl.load(b_ptr + chan, mask=chan_in, other=0.0), CHANNELS_LAST)
-    if act == 1:  # SiLU
-        z = z * tl.sigmoid(z)
-    elif act == 2:  # ReLU
-        z = tl.maximum(z, 0.0)
+    if LAYERNORM:
+        z = _layernorm_over_channels(z, chan, chan_in, nw_ptr, nb_ptr, C, eps)
+    else:
+        if act == 1:  # SiLU
+            z = z * tl.sigmoid(z)
+        elif act == 2:  # ReLU
+            z = tl.maximum(z, 0.0)
 
     o_pix = oy.to(tl.int64) * so_h + ox.to(tl.int64) * so_w
     o_chan = n * so_n + chan.to(tl.int64) * so_c
@@ -202,36 +243,54 @@ def _pick(extent: int, blocks: Tuple[int, ...]) -> int:
     return max(blocks, key=lane_use)
 
 
-def launch_config(x: torch.Tensor, kernel_size: int, stride: int, act: int) -> LaunchConfig:
+def _layernorm_tile(C: int) -> Tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of a LAYERNORM launch: every channel in one block."""
+    block_c = next(c for c in _LN_BLOCK_C if c >= C)
+    return max(1, NUM_WARPS * 32 * _ELEMS_PER_THREAD // block_c), block_c
+
+
+def launch_config(x: torch.Tensor, kernel_size: int, stride: int, act: int,
+                  layernorm: bool = False) -> LaunchConfig:
     """Constexprs, warps and grid the launcher uses for input ``x`` ([N, C, H, W]).
 
     Only ``x``'s shape, strides and dtype matter. ``stride`` and ``act`` are runtime kernel arguments:
-    they change the grid (stride) but never the compiled variant.
+    they change the grid (stride) but never the compiled variant. ``layernorm``: the
+    ``dwconv_layernorm`` epilogue (channels_last orientation, all channels in one block).
     """
     N, C, H, W = x.shape
     n_pix = output_size(H, kernel_size, stride) * output_size(W, kernel_size, stride)
-    channels_last = _is_channels_last(x)
+    channels_last = layernorm or _is_channels_last(x)
     shapes = _tile_shapes(channels_last, x.dtype)
-    if channels_last:
+    if layernorm:
+        block_p, block_c = _layernorm_tile(C)
+    elif channels_last:
         block_c = _pick(C, tuple(c for _, c in shapes))
         block_p = next(p for p, c in shapes if c == block_c)
     else:
         block_p = _pick(n_pix, tuple(p for p, _ in shapes))
         block_c = next(c for p, c in shapes if p == block_p)
-    constexprs = dict(K=kernel_size, CHANNELS_LAST=channels_last, BLOCK_P=block_p, BLOCK_C=block_c)
+    constexprs = dict(K=kernel_size, CHANNELS_LAST=channels_last, BLOCK_P=block_p, BLOCK_C=block_c,
+                      LAYERNORM=layernorm)
     grid = (N * triton.cdiv(n_pix, block_p) * triton.cdiv(C, block_c),)
     return LaunchConfig(constexprs, NUM_WARPS, grid)
 
 
 def all_kernel_configs() -> Tuple[KernelConfig, ...]:
     """Every (dtype, constexprs, num_warps) that ``launch_config`` can return, for AOT checks."""
-    return tuple(
-        KernelConfig(dtype, dict(K=k, CHANNELS_LAST=channels_last, BLOCK_P=block_p, BLOCK_C=block_c),
-                     NUM_WARPS)
+    plain = tuple(
+        KernelConfig(dtype, dict(K=k, CHANNELS_LAST=channels_last, BLOCK_P=block_p, BLOCK_C=block_c,
+                                 LAYERNORM=False), NUM_WARPS)
         for dtype in DTYPES
         for channels_last in (False, True)
         for block_p, block_c in _tile_shapes(channels_last, dtype)
         for k in KERNEL_SIZES)
+    layernorm = tuple(
+        KernelConfig(dtype, dict(K=k, CHANNELS_LAST=True, BLOCK_P=block_p, BLOCK_C=block_c, LAYERNORM=True),
+                     NUM_WARPS)
+        for dtype in DTYPES
+        for block_p, block_c in map(_layernorm_tile, _LN_BLOCK_C)
+        for k in KERNEL_SIZES)
+    return plain + layernorm
 
 
 def _weight_for(weight: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -249,12 +308,18 @@ def _weight_for(weight: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return weight
 
 
-def kernel_args(x, weight, bias, stride, act, out) -> tuple:
-    """The kernel's runtime arguments (all but the constexprs), in order; also used by the AOT test."""
+def kernel_args(x, weight, bias, stride, act, out, norm_weight=None, norm_bias=None, eps=0.0) -> tuple:
+    """The kernel's runtime arguments (all but the constexprs), in order; also used by the AOT test.
+
+    With ``norm_weight`` and ``norm_bias`` the arguments of a LAYERNORM launch; without, ``bias``
+    stands in for both (never read).
+    """
     N, C, H, W = x.shape
-    weight = _weight_for(weight, _is_channels_last(x))
-    return (x, weight, bias, out, C, H, W, out.shape[2], out.shape[3], stride, act, *x.stride(),
-            *out.stride(), *weight.stride())
+    layernorm = norm_weight is not None
+    weight = _weight_for(weight, layernorm or _is_channels_last(x))
+    nw, nb = (norm_weight, norm_bias) if layernorm else (bias, bias)
+    return (x, weight, bias, nw, nb, out, C, H, W, out.shape[2], out.shape[3], stride, act, float(eps),
+            *x.stride(), *out.stride(), *weight.stride())
 
 
 def _check(x, weight, bias, kernel_size, stride, act, out):
@@ -291,10 +356,36 @@ def dwconv_bn_act_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         out.copy_([z, torch.nn.functional.silu(z), torch.relu(z)][act])
     """
     _check(x, weight, bias, kernel_size, stride, act, out)
+    _launch(x, kernel_size, stride, act, out, kernel_args(x, weight, bias, stride, act, out), False)
+
+
+def _launch(x, kernel_size, stride, act, out, args, layernorm: bool) -> None:
     if out.numel() == 0:
         return
-    cfg = launch_config(x, kernel_size, stride, act)
+    cfg = launch_config(x, kernel_size, stride, act, layernorm)
     # Triton launches on the current device: make it x's (a model on cuda:1 with cuda:0 current).
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _dwconv_bn_act_kernel[cfg.grid](*kernel_args(x, weight, bias, stride, act, out), **cfg.constexprs,
-                                        num_warps=cfg.num_warps)
+        _dwconv_bn_act_kernel[cfg.grid](*args, **cfg.constexprs, num_warps=cfg.num_warps)
+
+
+def dwconv_layernorm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            norm_weight: torch.Tensor, norm_bias: torch.Tensor, kernel_size: int, stride: int,
+                            eps: float, out: torch.Tensor) -> None:
+    """Depthwise K x K conv + bias, then LayerNorm over the channels of each output pixel.
+
+    Arguments as ``dwconv_bn_act_triton`` (no ``act``), plus ``norm_weight`` and ``norm_bias``: [C]
+    float32 contiguous, and ``eps``; C <= LAYERNORM_MAX_CHANNELS. Equivalent PyTorch::
+
+        y = torch.nn.functional.conv2d(x.float(), weight.view(C, 1, K, K), bias, stride, K // 2, groups=C)
+        out.copy_(torch.nn.functional.layer_norm(y.permute(0, 2, 3, 1), (C,), norm_weight, norm_bias,
+                                                 eps).permute(0, 3, 1, 2))
+    """
+    _check(x, weight, bias, kernel_size, stride, ACT_NONE, out)
+    C = x.shape[1]
+    if C > LAYERNORM_MAX_CHANNELS:
+        raise ValueError(f"x: {C} channels, the LayerNorm epilogue supports at most {LAYERNORM_MAX_CHANNELS}")
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if tuple(t.shape) != (C,) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{name}: got {tuple(t.shape)} {t.dtype}, expected contiguous ({C},) float32")
+    args = kernel_args(x, weight, bias, stride, ACT_NONE, out, norm_weight, norm_bias, eps)
+    _launch(x, kernel_size, stride, ACT_NONE, out, args, True)
