@@ -25,7 +25,7 @@ from ..ops.dwconv_bn_act import dwconv_bn_act
 from ..ops.dwconv_layernorm import dwconv_layernorm
 from ..ops.xca_attention import xca_attention
 from .conv_bn_act import Unsupported, dwconv_kernel_mismatch
-from .patch_transformer import Mlp, add_residual, can_overwrite, drop_path, scale_
+from .patch_transformer import Mlp, add_residual, can_overwrite, scale_
 
 
 def depthwise_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -247,8 +247,8 @@ class FusedConvBlock(nn.Module):
             if self.shortcut_after_dw:
                 shortcut = x
             t = self.norm(_tokens(x))
-        t = _scale(self.gamma, self.mlp(t))
-        return shortcut + drop_path(t.permute(0, 3, 1, 2), self.drop_path, self.training)
+        t = scale_(self.gamma, self.mlp(t))
+        return add_residual(shortcut, t.permute(0, 3, 1, 2), self.drop_path, self.training)
 
     def _fuses_norm(self) -> bool:
         """Whether forward runs the conv and the norm as one ``dwconv_layernorm`` (see the class)."""
@@ -256,10 +256,6 @@ class FusedConvBlock(nn.Module):
         return (not self.shortcut_after_dw and dwconv_kernel_mismatch(self.conv_dw) is None
                 and type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (self.conv_dw.out_channels,)
                 and norm.weight is not None and norm.bias is not None)
-
-
-def _scale(gamma: Optional[Tensor], t: Tensor) -> Tensor:
-    return t if gamma is None else gamma * t
 
 
 def _share_mlp(mlp: nn.Module) -> Mlp:

@@ -42,6 +42,8 @@ def dwconv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     Equivalent to ``act(F.conv2d(x, weight, bias, stride, K // 2, groups=C))``; differentiable in
     ``x``, ``weight`` and ``bias``.
     """
+    if backends.direct_call(x, weight, bias):  # eager inference: the same work without the dispatcher
+        return _forward(x, weight, bias, stride, act)
     return torch.ops.fastvit_kernels.dwconv_bn_act(x, weight, bias, stride, act)
 
 
@@ -156,8 +158,7 @@ IMPLEMENTATIONS = (
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastvit_kernels::dwconv_bn_act", mutates_args=())
-def _dwconv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, act: str) -> Tensor:
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, act: str) -> Tensor:
     check_inputs(x, weight, bias, stride, act)
     K = weight.shape[-1]
     out = new_output(x, K, stride)
@@ -166,6 +167,9 @@ def _dwconv_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: in
     w, b = kernel_params(x, weight, bias)
     backends.run("dwconv_bn_act", IMPLEMENTATIONS, x.device, x, w, b, K, stride, ACTIVATIONS[act], out)
     return out
+
+
+_dwconv_bn_act = torch.library.custom_op("fastvit_kernels::dwconv_bn_act", _forward, mutates_args=())
 
 
 @_dwconv_bn_act.register_fake

@@ -51,6 +51,8 @@ def dwconv_layernorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_wei
 
     Differentiable in ``x``, ``weight``, ``bias``, ``norm_weight`` and ``norm_bias``.
     """
+    if backends.direct_call(x, weight, bias, norm_weight, norm_bias):  # eager inference: no dispatcher
+        return _forward(x, weight, bias, norm_weight, norm_bias, eps, stride)
     return torch.ops.fastvit_kernels.dwconv_layernorm(x, weight, bias, norm_weight, norm_bias, eps, stride)
 
 
@@ -147,9 +149,8 @@ IMPLEMENTATIONS = (
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastvit_kernels::dwconv_layernorm", mutates_args=())
-def _dwconv_layernorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Tensor,
-                      eps: float, stride: int) -> Tensor:
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor, norm_bias: Tensor, eps: float,
+             stride: int) -> Tensor:
     check_inputs(x, weight, bias, norm_weight, norm_bias, eps, stride)
     K = weight.shape[-1]
     out = new_output(x, K, stride)
@@ -158,6 +159,9 @@ def _dwconv_layernorm(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_we
     params = kernel_params(x, weight, bias, norm_weight, norm_bias)
     backends.run("dwconv_layernorm", IMPLEMENTATIONS, x.device, x, *params, K, stride, float(eps), out)
     return out
+
+
+_dwconv_layernorm = torch.library.custom_op("fastvit_kernels::dwconv_layernorm", _forward, mutates_args=())
 
 
 @_dwconv_layernorm.register_fake

@@ -43,11 +43,11 @@ _NCHW_BLOCK_P = (256, 64)
 # The widest candidate is used once at least this share of its lanes does useful work.
 _MIN_LANE_USE = 0.8
 # LAYERNORM: channel blocks (C rounded up to a power of two), pixels filling the usual tile of
-# NUM_WARPS * 32 * _ELEMS_PER_THREAD elements (at least one pixel: 1024 channels are 8 per thread).
+# NUM_WARPS * 32 * _LN_ELEMS_PER_THREAD elements (at least one pixel: 1024 channels are 8 per thread).
 # EdgeNeXt's widths are 24..584; wider layers go to the CUDA kernel.
-# Known AOT finding: ptxas keeps 2 registers (8 B of stack) across the tap loop, at 48-56 registers,
-# in 2 of the 420 LAYERNORM variants (sm_80 fp16 K=3 BLOCK_C=256 unspecialized; sm_90 fp32 K=7
-# BLOCK_C=128 specialized). Tiles of 4 pixels at 256 channels only moved it to another variant.
+# Two elements per thread, half the plain tile: at four, ptxas kept 2 registers (8 B of stack) across
+# the tap loop in 2 of the 420 variants (the LayerNorm's row statistics live beside the accumulators).
+_LN_ELEMS_PER_THREAD = 2
 _LN_BLOCK_C = (16, 32, 64, 128, 256, 512, 1024)
 LAYERNORM_MAX_CHANNELS = _LN_BLOCK_C[-1]
 
@@ -246,7 +246,7 @@ def _pick(extent: int, blocks: Tuple[int, ...]) -> int:
 def _layernorm_tile(C: int) -> Tuple[int, int]:
     """(BLOCK_P, BLOCK_C) of a LAYERNORM launch: every channel in one block."""
     block_c = next(c for c in _LN_BLOCK_C if c >= C)
-    return max(1, NUM_WARPS * 32 * _ELEMS_PER_THREAD // block_c), block_c
+    return max(1, NUM_WARPS * 32 * _LN_ELEMS_PER_THREAD // block_c), block_c
 
 
 def launch_config(x: torch.Tensor, kernel_size: int, stride: int, act: int,
