@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
+from .patch_attention import accumulation_dtype, check_qkv, new_cross_output
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -66,28 +67,8 @@ def head_mixing_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], pre_mix: Optional[Tensor],
                  post_mix: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                  norm_eps: float) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"head_mixing_attention: {name} must be a 4-D [B, heads, N, d] tensor, "
-                             f"got shape {tuple(t.shape)}")
-    if q.dtype not in DTYPES:
-        raise TypeError(f"head_mixing_attention: q.dtype {q.dtype} is not supported; supported: "
-                        f"float16, bfloat16, float32, float64")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"head_mixing_attention: {name}.dtype {t.dtype} must equal q.dtype {q.dtype}")
-    B, heads, Nq, d = q.shape
-    if tuple(k.shape[:2]) != (B, heads) or k.shape[3] != d:
-        raise ValueError(f"head_mixing_attention: k must have shape [B, heads, Nk, d] = [{B}, {heads}, Nk, {d}] "
-                         f"(q is {tuple(q.shape)}), got {tuple(k.shape)}")
-    if tuple(v.shape[:3]) != tuple(k.shape[:3]):
-        raise ValueError(f"head_mixing_attention: v must have shape [B, heads, Nk, dv] = "
-                         f"[{B}, {heads}, {k.shape[2]}, dv] (k is {tuple(k.shape)}), got {tuple(v.shape)}")
-    if min(heads, d, v.shape[3]) < 1:
-        raise ValueError(f"head_mixing_attention: heads and head dims must be >= 1, got q {tuple(q.shape)}, "
-                         f"v {tuple(v.shape)}")
-    if Nq > 0 and k.shape[2] == 0:
-        raise ValueError(f"head_mixing_attention: {Nq} queries need at least one key, got k {tuple(k.shape)}")
+    check_qkv("head_mixing_attention", q, k, v, scale)
+    heads = q.shape[1]
     params = (("pre_mix", pre_mix, (heads, heads)), ("post_mix", post_mix, (heads, heads)),
               ("norm_weight", norm_weight, (heads,)), ("norm_bias", norm_bias, (heads,)))
     for name, t, shape in params:
@@ -100,30 +81,19 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], pre_mi
             raise TypeError(f"head_mixing_attention: {name}.dtype {t.dtype} is not a floating-point dtype")
         if t.device != q.device:
             raise ValueError(f"head_mixing_attention: {name} is on {t.device} but q is on {q.device}")
-    for name, t in (("k", k), ("v", v)):
-        if t.device != q.device:
-            raise ValueError(f"head_mixing_attention: {name} is on {t.device} but q is on {q.device}")
     if norm_bias is not None and norm_weight is None:
         raise ValueError("head_mixing_attention: norm_bias needs norm_weight (the LayerNorm over heads is on "
                          "when norm_weight is given)")
     if not (math.isfinite(norm_eps) and norm_eps > 0):
         raise ValueError(f"head_mixing_attention: norm_eps must be a positive number, got {norm_eps}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"head_mixing_attention: scale must be a finite number or None, got {scale}")
 
 
 def resolve_scale(q: Tensor, scale: Optional[float]) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def new_output(q: Tensor, v: Tensor) -> Tensor:
-    """The output every backend writes into: contiguous ``[B, Nq, heads * dv]`` in q's dtype."""
-    B, heads, Nq, _ = q.shape
-    return torch.empty((B, Nq, heads * v.shape[-1]), dtype=q.dtype, device=q.device)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# The output every backend writes into: contiguous [B, Nq, heads * dv] in q's dtype, as attention's.
+new_output = new_cross_output
 
 
 def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

@@ -331,31 +331,37 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     return torch.ops.fastvit_kernels.attention(q, k, v, scale)
 
 
-def check_cross_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
+def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
+    """The checks of separate ``[B, heads, N, d]`` q/k/v views and a score scale, for ``attention`` and
+    the other ops that take them (``head_mixing_attention``); ``op`` names the op in the errors."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be a 4-D [B, heads, N, d] tensor, got shape {tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must be a 4-D [B, heads, N, d] tensor, got shape {tuple(t.shape)}")
     if q.dtype not in DTYPES:
-        raise TypeError(f"attention: q.dtype {q.dtype} is not supported; supported: "
+        raise TypeError(f"{op}: q.dtype {q.dtype} is not supported; supported: "
                         f"float16, bfloat16, float32, float64")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"attention: {name}.dtype {t.dtype} must equal q.dtype {q.dtype}")
+            raise TypeError(f"{op}: {name}.dtype {t.dtype} must equal q.dtype {q.dtype}")
         if t.device != q.device:
-            raise ValueError(f"attention: {name} is on {t.device} but q is on {q.device}")
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
     B, heads, Nq, d = q.shape
     if tuple(k.shape[:2]) != (B, heads) or k.shape[3] != d:
-        raise ValueError(f"attention: k must have shape [B, heads, Nk, d] = [{B}, {heads}, Nk, {d}] "
+        raise ValueError(f"{op}: k must have shape [B, heads, Nk, d] = [{B}, {heads}, Nk, {d}] "
                          f"(q is {tuple(q.shape)}), got {tuple(k.shape)}")
     if tuple(v.shape[:3]) != tuple(k.shape[:3]):
-        raise ValueError(f"attention: v must have shape [B, heads, Nk, dv] = [{B}, {heads}, {k.shape[2]}, dv] "
+        raise ValueError(f"{op}: v must have shape [B, heads, Nk, dv] = [{B}, {heads}, {k.shape[2]}, dv] "
                          f"(k is {tuple(k.shape)}), got {tuple(v.shape)}")
     if min(heads, d, v.shape[3]) < 1:
-        raise ValueError(f"attention: heads and head dims must be >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
-    if q.shape[2] > 0 and k.shape[2] == 0:
-        raise ValueError(f"attention: {q.shape[2]} queries need at least one key, got k {tuple(k.shape)}")
+        raise ValueError(f"{op}: heads and head dims must be >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if Nq > 0 and k.shape[2] == 0:
+        raise ValueError(f"{op}: {Nq} queries need at least one key, got k {tuple(k.shape)}")
     if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"attention: scale must be a finite number or None, got {scale}")
+        raise ValueError(f"{op}: scale must be a finite number or None, got {scale}")
+
+
+def check_cross_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
+    check_qkv("attention", q, k, v, scale)
 
 
 def new_cross_output(q: Tensor, v: Tensor) -> Tensor:
