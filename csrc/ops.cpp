@@ -4,10 +4,12 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
-#include <pybind11/pybind11.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with the casters for dtype, memory_format, sizes
 #include <torch/library.h>
 
 #include <cmath>
+
+#include "cpu_cache.h"
 
 namespace fastvit_kernels {
 
@@ -538,4 +540,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "True when this build contains the CUDA kernels.");
+  m.def("cpu_cached_empty", &fastvit_kernels::cpu_cached_empty, pybind11::arg("sizes"), pybind11::arg("dtype"),
+        pybind11::arg("memory_format"),
+        "Uninitialised CPU tensor whose storage comes from the caching allocator (csrc/cpu_cache.h).");
+  m.def("cpu_cache_stats", &fastvit_kernels::cpu_cache_stats,
+        "(bytes in live tensors from the CPU cache, bytes cached idle, idle limit).");
+  m.def("cpu_cache_release", &fastvit_kernels::cpu_cache_release, "Returns the idle cached blocks to the OS.");
+  m.def("cpu_cache_set_limit", &fastvit_kernels::cpu_cache_set_limit, pybind11::arg("bytes"),
+        "Idle blocks beyond this many bytes are freed instead of cached.");
 }

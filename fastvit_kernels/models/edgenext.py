@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import memory
 from ..modules.edgenext import FusedConvBlock, FusedSDTABlock
 
 
@@ -48,8 +49,8 @@ class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a ``[B, C, H, W]`` map (timm's ``LayerNorm2d``, same keys)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        t = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        return F.layer_norm(t, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+        t = memory.channels_last(x).permute(0, 2, 3, 1)
+        return memory.layer_norm(t, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
 
 
 class EdgeNeXtStage(nn.Module):
@@ -98,7 +99,7 @@ class EdgeNeXt(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.stem[0].in_channels:
             raise ValueError(f"EdgeNeXt: x must be [B, {self.stem[0].in_channels}, H, W], got shape "
                              f"{tuple(x.shape)}")
-        return self.stages(self.stem(x.contiguous(memory_format=torch.channels_last)))
+        return self.stages(self.stem(memory.channels_last(x)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import memory
 from ..modules.levit import ConvNorm, FusedLeViTAttention, FusedLeViTAttentionDownsample, LinearNorm
 from ..modules.patch_transformer import add_residual, can_overwrite
 
@@ -172,7 +173,7 @@ class Levit(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.stem.conv1.linear.in_channels or x.shape[-2:] != (self.img_size,) * 2:
             raise ValueError(f"Levit: x must be [B, {self.stem.conv1.linear.in_channels}, {self.img_size}, "
                              f"{self.img_size}] (the attention biases fix the resolution), got shape {tuple(x.shape)}")
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        x = self.stem(memory.channels_last(x))
         return self.stages(x.flatten(2).transpose(1, 2))  # channels_last: a free view as [B, N, C]
 
     def forward(self, x: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .. import memory
 from ..modules.conv_bn_act import FusedConvBNAct
 from ..modules.mobilevit_block import FusedMobileViTBlock, _make_divisible
 from ..modules.patch_transformer import drop_path
@@ -101,7 +102,7 @@ class MobileViT(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.stem.conv.in_channels:
             raise ValueError(f"MobileViT: x must be [B, {self.stem.conv.in_channels}, H, W], got shape "
                              f"{tuple(x.shape)}")
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        x = self.stem(memory.channels_last(x))
         return self.final_conv(self.stages(x))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import memory
+from ..memory import run_layer_norm, run_linear
 from ..ops.dwconv_bn_act import dwconv_bn_act
 from ..ops.dwconv_layernorm import dwconv_layernorm
 from ..ops.xca_attention import xca_attention
@@ -41,9 +43,18 @@ def _depthwise(dim: int, dim_out: int, kernel_size: int, stride: int, bias: bool
                      bias=bias, **dd)
 
 
+def _cat_channels_last(maps: List[Tensor]) -> Tensor:
+    """``torch.cat(maps, 1)`` as a channels_last map (in inference, into a cached buffer)."""
+    if not memory.into_cache(*maps):
+        return torch.cat(maps, 1)
+    B, _, H, W = maps[0].shape
+    out = memory.empty((B, sum(m.shape[1] for m in maps), H, W), maps[0].dtype, maps[0].device, torch.channels_last)
+    return torch.cat(maps, 1, out=out)
+
+
 def _tokens(x: Tensor) -> Tensor:
     """``[B, C, H, W]`` (any layout) -> ``[B, H, W, C]``; a free view of a channels_last map."""
-    return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    return memory.channels_last(x).permute(0, 2, 3, 1)
 
 
 class FusedXCA(nn.Module):
@@ -85,9 +96,9 @@ class FusedXCA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        qkv = self.qkv(x).reshape(shape[0], -1, 3 * shape[-1])
+        qkv = run_linear(self.qkv, x).reshape(shape[0], -1, 3 * shape[-1])
         out = xca_attention(qkv, self.num_heads, self.temperature)
-        return self.proj_drop(self.proj(out.reshape(shape)))
+        return self.proj_drop(run_linear(self.proj, out.reshape(shape)))
 
 
 class FourierPositionalEncoding(nn.Module):
@@ -190,12 +201,13 @@ class FusedSDTABlock(nn.Module):
             sp = depthwise_conv(sp if i == 0 else sp + chunks[i], conv)
             outs.append(sp)
         outs.append(chunks[-1])
-        t = _tokens(torch.cat(outs, 1))  # [B, H, W, C], a fresh tensor: in inference it is updated in place
+        t = _tokens(_cat_channels_last(outs))  # [B, H, W, C], a fresh tensor: in inference it is updated in place
         if self.pos_embd is not None:
             pos = self.pos_embd(t.shape[1], t.shape[2])
             t = t.add_(pos) if can_overwrite(t) else t + pos
-        t = add_residual(t, scale_(self.gamma_xca, self.xca(self.norm_xca(t))), self.drop_path, self.training)
-        t = scale_(self.gamma, self.mlp(self.norm(t)))
+        t = add_residual(t, scale_(self.gamma_xca, self.xca(run_layer_norm(self.norm_xca, t))), self.drop_path,
+                         self.training)
+        t = scale_(self.gamma, self.mlp(run_layer_norm(self.norm, t)))
         return add_residual(shortcut, t.permute(0, 3, 1, 2), self.drop_path, self.training)
 
 
@@ -237,7 +249,7 @@ class FusedConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = memory.channels_last(x)
         if self._fuses_norm():
             conv, norm = self.conv_dw, self.norm
             t = dwconv_layernorm(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps, conv.stride[0])
@@ -246,7 +258,7 @@ class FusedConvBlock(nn.Module):
             x = depthwise_conv(x, self.conv_dw)
             if self.shortcut_after_dw:
                 shortcut = x
-            t = self.norm(_tokens(x))
+            t = run_layer_norm(self.norm, _tokens(x))
         t = scale_(self.gamma, self.mlp(t))
         return add_residual(shortcut, t.permute(0, 3, 1, 2), self.drop_path, self.training)
 

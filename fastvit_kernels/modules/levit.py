@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import memory
 from ..ops.bias_attention import bias_attention
 from .conv_bn_act import BatchNormFold, Unsupported, conv_bn_act
 
@@ -51,7 +52,7 @@ class LinearNorm(_FoldCache):
             y = self.linear(x)
             return self.bn(y.flatten(0, -2)).reshape_as(y)
         weight, bias = self._fold(self.linear, self.bn)
-        return F.linear(x, weight.to(x.dtype), bias.to(x.dtype))
+        return memory.linear(x, weight.to(x.dtype), bias.to(x.dtype))
 
 
 class ConvNorm(_FoldCache):

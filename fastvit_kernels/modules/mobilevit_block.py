@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import memory
 from .conv_bn_act import FusedConvBNAct
 from .patch_transformer import PatchTransformerBlock, _pair
 
@@ -98,7 +99,7 @@ class FusedMobileViTBlock(nn.Module):
             raise ValueError(f"FusedMobileViTBlock: x must be [B, {self.conv_kxk.conv.in_channels}, H, W], "
                              f"got shape {tuple(x.shape)}")
         shortcut = x
-        y = self.conv_kxk(x.contiguous(memory_format=torch.channels_last))
+        y = self.conv_kxk(memory.channels_last(x))
         # A channels_last map is already [B, H, W, C] rows: the 1x1 conv is a Linear on them.
         tokens = F.linear(y.permute(0, 2, 3, 1), self.conv_1x1.weight.flatten(1))
         B, H, W, _ = tokens.shape
@@ -112,7 +113,7 @@ class FusedMobileViTBlock(nn.Module):
             tokens = _resize_tokens(tokens, (H, W))
         y = self.conv_proj(tokens.permute(0, 3, 1, 2))
         if self.conv_fusion is not None:
-            y = self.conv_fusion(torch.cat((shortcut.contiguous(memory_format=torch.channels_last), y), dim=1))
+            y = self.conv_fusion(torch.cat((memory.channels_last(shortcut), y), dim=1))
         return y
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..memory import run_layer_norm, run_linear
 from ..ops.patch_attention import patch_attention
 from .conv_bn_act import Unsupported
 
@@ -92,8 +93,8 @@ class PatchAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = patch_attention(self.qkv(x), self.num_heads, self.patch_size, self.scale)
-        return self.proj_drop(self.proj(out))
+        out = patch_attention(run_linear(self.qkv, x), self.num_heads, self.patch_size, self.scale)
+        return self.proj_drop(run_linear(self.proj, out))
 
 
 class Mlp(nn.Module):
@@ -109,7 +110,7 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop2(self.fc2(self.drop1(activate(self.act, self.fc1(x)))))
+        return self.drop2(run_linear(self.fc2, self.drop1(activate(self.act, run_linear(self.fc1, x)))))
 
 
 class PatchTransformerBlock(nn.Module):
@@ -170,5 +171,5 @@ class PatchTransformerBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[B, H, W, C]`` tokens in image order, H and W multiples of the patch size."""
-        x = add_residual(x, self.attn(self.norm1(x)), self.drop_path, self.training)
-        return add_residual(x, self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = add_residual(x, self.attn(run_layer_norm(self.norm1, x)), self.drop_path, self.training)
+        return add_residual(x, self.mlp(run_layer_norm(self.norm2, x)), self.drop_path, self.training)

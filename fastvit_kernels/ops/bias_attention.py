@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backends
+from .. import backends, memory
 
 ACTIVATIONS = {"none": 0, "hardswish": 1}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -147,7 +147,7 @@ def resolve_scale(q: Tensor, scale: Optional[float]) -> float:
 def new_output(q: Tensor, v: Tensor) -> Tensor:
     """The output tensor every backend writes into: contiguous ``[B, Nq, heads * dv]`` in q's dtype."""
     B, heads, Nq, _ = q.shape
-    return torch.empty((B, Nq, heads * v.shape[-1]), dtype=q.dtype, device=q.device)
+    return memory.empty((B, Nq, heads * v.shape[-1]), q.dtype, q.device)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backends
+from .. import backends, memory
 
 ACTIVATIONS = {"none": 0, "silu": 1, "relu": 2}
 KERNEL_SIZES = (1, 3, 5, 7, 9)
@@ -98,7 +98,7 @@ def new_output(x: Tensor, kernel_size: int, stride: int) -> Tensor:
     N, C, H, W = x.shape
     shape = (N, C, output_size(H, kernel_size, stride), output_size(W, kernel_size, stride))
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return memory.empty(shape, x.dtype, x.device, fmt)
 
 
 def kernel_params(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:

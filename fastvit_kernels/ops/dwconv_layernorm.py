@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backends
+from .. import backends, memory
 from .dwconv_bn_act import check_inputs as check_conv_inputs
 from .dwconv_bn_act import conv_backward, output_size
 from .dwconv_bn_act import kernel_params as conv_kernel_params
@@ -79,7 +79,7 @@ def new_output(x: Tensor, kernel_size: int, stride: int) -> Tensor:
     """The channels_last output every backend writes into (a permuted contiguous [N, OH, OW, C])."""
     N, C, H, W = x.shape
     OH, OW = output_size(H, kernel_size, stride), output_size(W, kernel_size, stride)
-    return torch.empty((N, OH, OW, C), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
+    return memory.empty((N, OH, OW, C), x.dtype, x.device).permute(0, 3, 1, 2)
 
 
 def kernel_params(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Tensor,

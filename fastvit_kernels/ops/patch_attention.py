@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import backends, memory
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -97,7 +97,7 @@ def resolve_scale(qkv: Tensor, num_heads: int, scale: Optional[float]) -> float:
 def new_output(qkv: Tensor) -> Tensor:
     """The output tensor every backend writes into: contiguous ``[B, H, W, C]`` in qkv's dtype."""
     B, H, W, C3 = qkv.shape
-    return torch.empty((B, H, W, C3 // 3), dtype=qkv.dtype, device=qkv.device)
+    return memory.empty((B, H, W, C3 // 3), qkv.dtype, qkv.device)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -367,7 +367,7 @@ def check_cross_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) 
 def new_cross_output(q: Tensor, v: Tensor) -> Tensor:
     """``[B, Nq, heads * dv]`` contiguous in q's dtype."""
     B, heads, Nq, _ = q.shape
-    return torch.empty((B, Nq, heads * v.shape[-1]), dtype=q.dtype, device=q.device)
+    return memory.empty((B, Nq, heads * v.shape[-1]), q.dtype, q.device)
 
 
 def cross_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backends
+from .. import backends, memory
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -83,7 +83,7 @@ def check_inputs(qkv: Tensor, num_heads: int, temperature: Tensor, eps: float) -
 def new_output(qkv: Tensor) -> Tensor:
     """The output tensor every backend writes into: contiguous ``[B, N, C]`` in qkv's dtype."""
     B, N, C3 = qkv.shape
-    return torch.empty((B, N, C3 // 3), dtype=qkv.dtype, device=qkv.device)
+    return memory.empty((B, N, C3 // 3), qkv.dtype, qkv.device)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

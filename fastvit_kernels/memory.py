@@ -1,0 +1,152 @@
+"""CPU tensors from a caching allocator, and the inference-time Linear / LayerNorm that write into them.
+
+glibc serves every block above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh pages
+and unmaps it on free, so each large activation of each forward pass pays a page fault per 4 KiB page
+when it is first written. On the 2-core VM this package is developed on that is ~2 us per page (a
+9.6 MB MLP activation of EdgeNeXt at batch 8: ~4.6 ms, against ~3 ms for the GEMM that fills it), and
+with a malloc that keeps its pages timm's EdgeNeXt-XXS runs 1.45x faster (bench/results/README.md).
+The extension keeps freed blocks and hands them out again (csrc/cpu_cache.h), as PyTorch's CUDA
+caching allocator does on the GPU; the fused ops allocate their CPU outputs there, and the modules'
+inference path runs Linear and LayerNorm into such buffers (``out=``).
+
+Equivalent PyTorch: ``torch.empty``; ``F.linear``; ``F.layer_norm``. Idle blocks are kept up to a
+limit (1 GiB, ``set_cpu_cache_limit``) and returned to the OS by ``empty_cpu_cache()``;
+``FASTVIT_KERNELS_CPU_CACHE=0`` turns the cache off (plain ``torch.empty`` everywhere).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends
+
+ENV_VAR = "FASTVIT_KERNELS_CPU_CACHE"
+
+
+class CpuCacheStats(NamedTuple):
+    live_bytes: int  # held by tensors that came from the cache and are alive
+    idle_bytes: int  # freed blocks kept for reuse
+    limit_bytes: int  # idle blocks beyond this are returned to the OS
+
+
+def _cache():
+    """The extension when the cache is on, else None."""
+    if os.environ.get(ENV_VAR, "1") == "0":
+        return None
+    return backends.extension()
+
+
+def _plain_memory_wanted() -> bool:
+    # torch.empty fills fresh memory with NaN in this mode, so reads of unwritten memory show up;
+    # keep that debugging aid.
+    return torch.are_deterministic_algorithms_enabled() and torch.utils.deterministic.fill_uninitialized_memory
+
+
+def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+          memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)``; real CPU tensors
+    come from the cache (not while torch.compile traces or a fake/dispatch mode is active: those make
+    their own tensors)."""
+    ext = _cache() if device.type == "cpu" else None
+    if (ext is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or not all(type(s) is int for s in shape) or _plain_memory_wanted()):
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return ext.cpu_cached_empty(list(shape), dtype, memory_format)
+
+
+def cpu_cache_stats() -> CpuCacheStats:
+    """Bytes in live tensors from the cache, bytes idle in it, and its idle limit (zeros without the
+    extension)."""
+    ext = backends.extension()
+    return CpuCacheStats(*ext.cpu_cache_stats()) if ext is not None else CpuCacheStats(0, 0, 0)
+
+
+def empty_cpu_cache() -> None:
+    """Returns the idle blocks to the OS (tensors still alive keep theirs)."""
+    ext = backends.extension()
+    if ext is not None:
+        ext.cpu_cache_release()
+
+
+def set_cpu_cache_limit(limit_bytes: int) -> None:
+    """Keep at most ``limit_bytes`` of idle blocks; 0 frees every block when its tensor dies."""
+    if not isinstance(limit_bytes, int) or limit_bytes < 0:
+        raise ValueError(f"set_cpu_cache_limit: limit_bytes must be an int >= 0, got {limit_bytes!r}")
+    ext = backends.extension()
+    if ext is not None:
+        ext.cpu_cache_set_limit(limit_bytes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules' inference path: nn.Linear / nn.LayerNorm into cached buffers.
+# --------------------------------------------------------------------------------------------------
+
+
+def into_cache(x: Tensor, *params: Optional[Tensor]) -> bool:
+    """True when a module may write its output into a cached buffer: eager inference on plain CPU
+    tensors of one dtype, no autocast (which would change the output dtype)."""
+    if x.device.type != "cpu" or _cache() is None or torch.is_autocast_enabled("cpu"):
+        return False
+    if any(p is not None and p.dtype != x.dtype for p in params):
+        return False
+    return backends.direct_call(x, *params)
+
+
+def _plain(module: nn.Module, kind: type) -> bool:
+    """``module`` is exactly ``kind`` with no hooks: its forward is the functional call we run."""
+    m = nn.modules.module
+    return (type(module) is kind and not (module._forward_hooks or module._forward_pre_hooks)
+            and not (m._global_forward_hooks or m._global_forward_pre_hooks))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; in CPU inference, into a cached buffer."""
+    if not into_cache(x, weight, bias):
+        return F.linear(x, weight, bias)
+    out = empty(x.shape[:-1] + weight.shape[:1], x.dtype, x.device)
+    x2d, out2d = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+    if bias is None:
+        torch.mm(x2d, weight.t(), out=out2d)
+    else:
+        torch.addmm(bias, x2d, weight.t(), out=out2d)
+    return out
+
+
+def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """``F.layer_norm(x, normalized_shape, weight, bias, eps)``; in CPU inference, into a cached buffer."""
+    if x.dtype not in (torch.float32, torch.float64) or not into_cache(x, weight, bias):
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    out = empty(x.shape, x.dtype, x.device)
+    stats_shape = x.shape[:x.dim() - len(normalized_shape)] + (1,) * len(normalized_shape)
+    mean, rstd = (torch.empty(stats_shape, dtype=x.dtype) for _ in range(2))
+    torch.ops.aten.native_layer_norm.out(x, normalized_shape, weight, bias, eps, out0=out, out1=mean, out2=rstd)
+    return out
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """``x.contiguous(memory_format=torch.channels_last)``; in CPU inference the copy, when one is
+    needed, goes into a cached buffer."""
+    if x.is_contiguous(memory_format=torch.channels_last) or not into_cache(x):
+        return x.contiguous(memory_format=torch.channels_last)
+    return empty(x.shape, x.dtype, x.device, torch.channels_last).copy_(x)
+
+
+def run_linear(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``; a plain ``nn.Linear`` runs as :func:`linear`."""
+    if not _plain(module, nn.Linear):
+        return module(x)
+    return linear(x, module.weight, module.bias)
+
+
+def run_layer_norm(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``; a plain ``nn.LayerNorm`` runs as :func:`layer_norm`."""
+    if not _plain(module, nn.LayerNorm):
+        return module(x)
+    return layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)

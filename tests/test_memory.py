@@ -1,0 +1,181 @@
+"""The CPU caching allocator (csrc/cpu_cache.h) and the inference Linear / LayerNorm / copies that write
+into it (fastvit_kernels/memory.py): same values as the PyTorch calls they replace, buffers reused,
+and the plain PyTorch path wherever autograd, autocast, hooks or compile need it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastvit_kernels import backends, memory
+from fastvit_kernels.ops import dwconv_layernorm, xca_attention
+
+pytestmark = pytest.mark.skipif(backends.extension() is None, reason="the compiled extension is not built")
+
+BIG = (64, 1024)  # 256 KiB of float32: above the 128 KiB below which blocks are not cached
+
+
+def _live() -> int:
+    return memory.cpu_cache_stats().live_bytes
+
+
+def test_cached_empty_shape_dtype_layout():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64):
+        t = memory.empty((2, 48, 33, 31), dtype, torch.device("cpu"), torch.channels_last)
+        ref = torch.empty((2, 48, 33, 31), dtype=dtype, memory_format=torch.channels_last)
+        assert (t.shape, t.stride(), t.dtype, t.device) == (ref.shape, ref.stride(), ref.dtype, ref.device)
+        assert t.data_ptr() % 64 == 0
+    assert memory.empty((0, 5), torch.float32, torch.device("cpu")).numel() == 0
+
+
+def test_freed_block_is_reused_and_accounted():
+    before = memory.cpu_cache_stats()
+    t = memory.empty(BIG, torch.float32, torch.device("cpu"))
+    ptr = t.data_ptr()
+    assert _live() == before.live_bytes + 256 * 1024
+    del t
+    after = memory.cpu_cache_stats()
+    assert after.live_bytes == before.live_bytes and after.idle_bytes >= 256 * 1024
+    # Same size class (sizes within 1/8 of a power of two share one): the same block comes back.
+    u = memory.empty((64, 1000), torch.float32, torch.device("cpu"))
+    assert u.data_ptr() == ptr
+    u.fill_(1.0)
+    assert u.sum().item() == 64 * 1000
+
+
+def test_small_blocks_bypass_the_cache():
+    before = _live()
+    t = memory.empty((16, 16), torch.float32, torch.device("cpu"))
+    assert _live() == before
+    t.fill_(2.0)
+    assert t.sum().item() == 512.0
+
+
+def test_limit_and_release():
+    limit = memory.cpu_cache_stats().limit_bytes
+    try:
+        memory.set_cpu_cache_limit(0)
+        assert memory.cpu_cache_stats().idle_bytes == 0
+        t = memory.empty(BIG, torch.float32, torch.device("cpu"))
+        del t
+        assert memory.cpu_cache_stats().idle_bytes == 0  # freed, not kept
+        memory.set_cpu_cache_limit(1 << 30)
+        t = memory.empty(BIG, torch.float32, torch.device("cpu"))
+        del t
+        assert memory.cpu_cache_stats().idle_bytes > 0
+        memory.empty_cpu_cache()
+        assert memory.cpu_cache_stats().idle_bytes == 0
+    finally:
+        memory.set_cpu_cache_limit(limit)
+    with pytest.raises(ValueError, match="limit_bytes must be an int >= 0, got -1"):
+        memory.set_cpu_cache_limit(-1)
+
+
+def test_threads_share_the_cache_safely():
+    before = _live()
+    errors = []
+
+    def work(seed):
+        try:
+            for i in range(200):
+                t = memory.empty((64 + (seed + i) % 7, 1024), torch.float32, torch.device("cpu"))
+                t.fill_(seed)
+                assert t.min().item() == t.max().item() == seed
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and _live() == before
+
+
+def test_switched_off_by_env_and_deterministic_fill(monkeypatch):
+    before = _live()
+    monkeypatch.setenv(memory.ENV_VAR, "0")
+    t = memory.empty(BIG, torch.float32, torch.device("cpu"))
+    assert _live() == before
+    monkeypatch.delenv(memory.ENV_VAR)
+    torch.use_deterministic_algorithms(True)
+    try:
+        t = memory.empty(BIG, torch.float32, torch.device("cpu"))
+        assert torch.isnan(t).all()  # torch.empty's NaN fill, kept as a debugging aid
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_op_outputs_come_from_the_cache():
+    x = torch.randn(2, 64, 32, 32).to(memory_format=torch.channels_last)
+    w, b, nw, nb = torch.randn(64, 1, 3, 3), torch.randn(64), torch.randn(64), torch.randn(64)
+    before = _live()
+    out = dwconv_layernorm(x, w, b, nw, nb, 1e-6)
+    assert _live() >= before + out.numel() * 4
+    qkv = torch.randn(2, 1024, 3 * 64)
+    att = xca_attention(qkv, 4, torch.ones(4, 1, 1))
+    assert _live() >= before + (out.numel() + att.numel()) * 4
+    del out, att
+    assert _live() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 24), (2, 9, 24), (2, 5, 6, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_f_linear(dtype, shape, bias):
+    lin = nn.Linear(24, 40, bias=bias).to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    strided = torch.randn(shape[:-1] + (48,), dtype=dtype)[..., ::2]  # not viewable as 2-D
+    for inp in (x, strided):
+        with torch.no_grad():
+            out = memory.run_linear(lin, inp)
+            torch.testing.assert_close(out, F.linear(inp, lin.weight, lin.bias))  # GEMM paths may differ
+    with torch.inference_mode():
+        out = memory.linear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias).detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_layer_norm_and_channels_last_match_pytorch(dtype):
+    norm = nn.LayerNorm(40, eps=1e-6).to(dtype)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(2, 40, 7, 9, dtype=dtype)
+    tokens = x.permute(0, 2, 3, 1)  # not contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(memory.run_layer_norm(norm, tokens), norm(tokens), rtol=0, atol=0)
+        cl = memory.channels_last(x)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x)
+    already = x.contiguous(memory_format=torch.channels_last)
+    assert memory.channels_last(already) is already
+
+
+def test_autograd_autocast_and_hooks_take_the_module_path():
+    lin = nn.Linear(24, 40)
+    x = torch.randn(4, 24)
+    before = _live()
+    y = memory.run_linear(lin, x)  # grad enabled, weight requires grad: plain F.linear
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert lin.weight.grad is not None and _live() == before
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert memory.run_linear(lin, x).dtype == torch.bfloat16
+    calls = []
+    lin.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        memory.run_linear(lin, x)
+    assert calls == [1]
+
+
+def test_compiled_linear_has_no_graph_break():
+    lin = nn.Linear(24, 40)
+    norm = nn.LayerNorm(40)
+    fn = torch.compile(lambda t: memory.run_layer_norm(norm, memory.run_linear(lin, t)), backend="aot_eager",
+                       fullgraph=True)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x), norm(lin(x)))
