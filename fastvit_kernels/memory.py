@@ -98,7 +98,7 @@ def into_cache(x: Tensor, *params: Optional[Tensor]) -> bool:
     return backends.direct_call(x, *params)
 
 
-def _plain(module: nn.Module, kind: type) -> bool:
+def plain(module: nn.Module, kind: type) -> bool:
     """``module`` is exactly ``kind`` with no hooks: its forward is the functional call we run."""
     m = nn.modules.module
     return (type(module) is kind and not (module._forward_hooks or module._forward_pre_hooks)
@@ -140,13 +140,13 @@ def channels_last(x: Tensor) -> Tensor:
 
 def run_linear(module: nn.Module, x: Tensor) -> Tensor:
     """``module(x)``; a plain ``nn.Linear`` runs as :func:`linear`."""
-    if not _plain(module, nn.Linear):
+    if not plain(module, nn.Linear):
         return module(x)
     return linear(x, module.weight, module.bias)
 
 
 def run_layer_norm(module: nn.Module, x: Tensor) -> Tensor:
     """``module(x)``; a plain ``nn.LayerNorm`` runs as :func:`layer_norm`."""
-    if not _plain(module, nn.LayerNorm):
+    if not plain(module, nn.LayerNorm):
         return module(x)
     return layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)

@@ -365,3 +365,25 @@ def test_console_script_points_at_main():
     assert target is main
     # The generated script calls sys.exit(main()) with no arguments: every parameter has a default.
     assert all(p.default is not inspect.Parameter.empty for p in inspect.signature(main).parameters.values())
+
+
+def test_auto_variant_runs_what_no_named_kernel_backend_serves():
+    """``--backend auto``: the fused model with no preference, as users run it. T2T-ViT's 147-wide
+    heads are refused by the named ``cpu`` backend (that row is skipped with the reason); ``auto``
+    sends them to the reference and the rest to the kernels, and is checked like any fused row."""
+    from fastvit_kernels.bench import vit_family_cases
+
+    if "vitp_t2t" not in REGISTRY:
+        pytest.skip("vit-pytorch is not installed")
+    entry = REGISTRY["vitp_t2t"]
+    (case,) = [c for c in entry.cases(True, torch.device("cpu"))]
+    case.params["batch"] = 1
+    cpu = torch.device("cpu")
+    prepared = runner.prepare_case(entry, case, torch.float32, cpu, ["cpu", runner.AUTO], use_compile=False)
+    assert "head dim" in prepared.skipped["fused-cpu"] and "147" in prepared.skipped["fused-cpu"]
+    assert prepared.errors["fused-auto"] <= prepared.tolerance
+    prepared.inputs = prepared.inputs[:1]
+    rows = runner.make_rows(prepared, runner.time_variants(prepared, warmup=0, repeats=1))
+    (auto,) = [r for r in rows if r["impl"] == "fused-auto"]
+    assert auto["backend"] == runner.AUTO and auto["kind"] == runner.FUSED and auto["passed"]
+    assert vit_family_cases.VIT_FAMILY_BENCHMARKS["vitp_t2t"][1] == "T2TViT"

@@ -179,3 +179,39 @@ def test_compiled_linear_has_no_graph_break():
     x = torch.randn(3, 24)
     with torch.no_grad():
         torch.testing.assert_close(fn(x), norm(lin(x)))
+
+
+def test_run_module_matches_the_sequential_and_keeps_its_input():
+    from fastvit_kernels.modules.patch_transformer import run_module
+
+    torch.manual_seed(0)
+    feed_forward = nn.Sequential(nn.LayerNorm(24), nn.Linear(24, 64), nn.GELU(), nn.Dropout(0.0), nn.Linear(64, 24),
+                                 nn.Dropout(0.0)).eval()
+    act_first = nn.Sequential(nn.GELU(), nn.Linear(24, 24), nn.SiLU(), nn.Identity()).eval()
+    x = torch.randn(2, 9, 24)
+    for seq in (feed_forward, act_first):
+        kept = x.clone()
+        with torch.no_grad():
+            out = run_module(seq, x)
+            torch.testing.assert_close(out, seq(x))
+        assert torch.equal(x, kept), "the caller's input was overwritten"
+
+
+def test_crossvit_packed_qkv_weight_follows_weight_updates():
+    from fastvit_kernels.models.vit_family.cross_vit import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, heads=2, dim_head=16).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        first = attn(x)
+        attn.to_kv.weight.mul_(2.0)  # an in-place update: the packed copy must be rebuilt
+        second = attn(x)
+        attn.to_q.weight.mul_(0.5)
+        third = attn(x)
+    ref = Attention(32, heads=2, dim_head=16).eval()
+    ref.load_state_dict(attn.state_dict())
+    ref._packed_key = None
+    with torch.no_grad():
+        torch.testing.assert_close(third, ref(x))
+    assert not torch.allclose(first, second) and not torch.allclose(second, third)

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--op", nargs="+", choices=sorted(REGISTRY), metavar="NAME",
                         help=f"ops or models to benchmark, of {', '.join(sorted(REGISTRY))} (default: all; "
                              f"with --quick: {', '.join(quick_names)})")
-    parser.add_argument("--backend", nargs="+", choices=backends.BACKENDS, metavar="NAME",
-                        help=f"fused backends to time, of {', '.join(backends.BACKENDS)} (default: every "
+    parser.add_argument("--backend", nargs="+", choices=backends.BACKENDS + (runner.AUTO,), metavar="NAME",
+                        help=f"fused backends to time, of {', '.join(backends.BACKENDS)}, or {runner.AUTO} (no "
+                             "preference: each op call takes the first backend that serves it) (default: every "
                              "backend that loaded and serves the device)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(runner.DTYPES), metavar="DTYPE",
                         help="float16, bfloat16, float32 (default: float32 on cpu, all three on cuda)")

@@ -6,7 +6,9 @@ Variants of a case (the same for every registry entry):
 - the entry's extra eager baselines (for dwconv_bn_act: ``eager-folded``);
 - ``torch.compile``: of the eager module (compiled before timing; skipped with the reason when
   compilation fails, e.g. no C++ compiler);
-- ``fused-<backend>``: our fused module, under ``fastvit_kernels.use_backend(backend)``.
+- ``fused-<backend>``: our fused module, under ``fastvit_kernels.use_backend(backend)``;
+  ``fused-auto``: with no preference, each op call taking the first backend of the device's default
+  order that serves it (the way users run it: e.g. T2T-ViT's 147-wide heads go to the reference).
 
 Every variant's output on the first input is compared with the eager module run in float64 on that
 input before anything is timed, so no speed is reported without its error (see ``accuracy``).
@@ -90,8 +92,14 @@ def select_cases(benchmark: Benchmark, quick: bool, device: torch.device,
     return cases
 
 
+# Not a backend: the fused module with no preference (each call picks by DEFAULT_ORDER).
+AUTO = "auto"
+
+
 def backend_problem(name: str, device: torch.device) -> Optional[str]:
-    """None when backend ``name`` can be benchmarked on ``device``, else why not."""
+    """None when backend ``name`` (or ``auto``) can be benchmarked on ``device``, else why not."""
+    if name == AUTO:
+        return None
     if name == "triton" and device.type != "cuda":
         return "benchmarked on CUDA only (on the CPU Triton runs in its interpreter, a test tool)"
     # The device mismatch first: it is the relevant reason even when the backend did not load either.
@@ -126,7 +134,7 @@ class Variant:
     backend: Optional[str] = None
 
     def context(self):
-        return use_backend(self.backend) if self.backend else contextlib.nullcontext()
+        return use_backend(self.backend) if self.backend not in (None, AUTO) else contextlib.nullcontext()
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .. import memory
 from ..memory import run_layer_norm, run_linear
 from ..ops.patch_attention import patch_attention
 from .conv_bn_act import Unsupported
@@ -62,6 +63,29 @@ def activate(act: nn.Module, t: Tensor) -> Tensor:
     which saves a buffer as large as the MLP's hidden layer."""
     in_place = _IN_PLACE.get(type(act))
     return in_place(act, t) if in_place is not None and can_overwrite(t) else act(t)
+
+
+def run_module(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``. In CPU inference a plain ``nn.Sequential`` of Linear / LayerNorm / activations /
+    Dropout / Identity (vit-pytorch's FeedForward and ``to_out``) runs step by step: Linear and
+    LayerNorm into cached buffers (:mod:`fastvit_kernels.memory`), activations in place on them."""
+    if not memory.plain(module, nn.Sequential) or not memory.into_cache(x):
+        return module(x)
+    fresh = False  # whether x is an intermediate made here (never overwrite the caller's input)
+    for step in module:
+        kind = type(step)
+        if memory.plain(step, nn.Linear):
+            x, fresh = memory.run_linear(step, x), True
+        elif memory.plain(step, nn.LayerNorm):
+            x, fresh = memory.run_layer_norm(step, x), True
+        elif kind in _IN_PLACE and fresh and memory.plain(step, kind):
+            x = _IN_PLACE[kind](step, x)
+        elif kind in (nn.Dropout, nn.Identity) and memory.plain(step, kind) and not (
+                step.training and getattr(step, "p", 0.0)):
+            continue
+        else:
+            x, fresh = step(x), False
+    return x
 
 
 def scale_(gamma: Optional[Tensor], t: Tensor) -> Tensor:

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ...memory import run_layer_norm, run_linear
+from ...modules.patch_transformer import run_module
 from .deepvit import mixed_attend
 from .vit import FeedForward, PatchEmbedding, check_image, layer_pairs, pair, run_layer_pairs, split_heads
 
@@ -71,13 +73,13 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        x = self.norm(x)
+        x = run_layer_norm(self.norm, x)
         context = x if context is None else torch.cat((x, context), dim=1)
-        q = split_heads(self.to_q(x), self.heads)
-        k, v = (split_heads(t, self.heads) for t in self.to_kv(context).chunk(2, dim=-1))
+        q = split_heads(run_linear(self.to_q, x), self.heads)
+        k, v = (split_heads(t, self.heads) for t in run_linear(self.to_kv, context).chunk(2, dim=-1))
         out = mixed_attend(q, k, v, self.scale, self.dropout, pre_mix=self.mix_heads_pre_attn,
                            post_mix=self.mix_heads_post_attn)
-        return self.to_out(out)
+        return run_module(self.to_out, out)
 
 
 class Transformer(nn.Module):

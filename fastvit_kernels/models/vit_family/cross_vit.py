@@ -17,6 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ... import memory
+from ...memory import run_layer_norm, run_linear
+from ...modules.patch_transformer import run_module
 from .vit import (FeedForward, PatchEmbedding, attend, check_image, layer_pairs, pair, run_layer_pairs, self_attend,
                   split_heads)
 
@@ -36,17 +39,28 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, kv_include_self: bool = False) -> Tensor:
-        x = self.norm(x)
+        x = run_layer_norm(self.norm, x)
         if context is None and not kv_include_self:
             # Self attention: one packed q|k|v projection feeds the fused self-attention kernel.
-            qkv = F.linear(x, torch.cat((self.to_q.weight, self.to_kv.weight)))
-            return self.to_out(self_attend(qkv, self.heads, self.scale, self.dropout))
+            qkv = memory.linear(x, self._packed_qkv_weight())
+            return run_module(self.to_out, self_attend(qkv, self.heads, self.scale, self.dropout))
         context = x if context is None else context
         if kv_include_self:  # the cls token attends to itself as well as to the other branch
             context = torch.cat((x, context), dim=1)
-        q = split_heads(self.to_q(x), self.heads)
-        k, v = (split_heads(t, self.heads) for t in self.to_kv(context).chunk(2, dim=-1))
-        return self.to_out(attend(q, k, v, self.scale, self.dropout))
+        q = split_heads(run_linear(self.to_q, x), self.heads)
+        k, v = (split_heads(t, self.heads) for t in run_linear(self.to_kv, context).chunk(2, dim=-1))
+        return run_module(self.to_out, attend(q, k, v, self.scale, self.dropout))
+
+    def _packed_qkv_weight(self) -> Tensor:
+        """``cat(to_q.weight, to_kv.weight)``; kept between inference calls (a fresh concatenation per
+        call cost more than the attention at CrossViT's small scale), rebuilt when either changes."""
+        w_q, w_kv = self.to_q.weight, self.to_kv.weight
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (w_q.requires_grad or w_kv.requires_grad)):
+            return torch.cat((w_q, w_kv))
+        key = (w_q.data_ptr(), w_q._version, w_kv.data_ptr(), w_kv._version)
+        if getattr(self, "_packed_key", None) != key:
+            self._packed, self._packed_key = torch.cat((w_q, w_kv)), key
+        return self._packed
 
 
 class Transformer(nn.Module):
@@ -59,7 +73,7 @@ class Transformer(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(run_layer_pairs(self.layers, x, self.training))
+        return run_layer_norm(self.norm, run_layer_pairs(self.layers, x, self.training))
 
 
 class ProjectInOut(nn.Module):

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ...memory import run_layer_norm, run_linear
+from ...modules.patch_transformer import run_module
 from ...ops.head_mixing_attention import head_mixing_attention
 from .vit import FeedForward, PatchEmbedding, check_image, layer_pairs, pair, run_layer_pairs, split_heads
 
@@ -76,10 +78,10 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(self.norm(x)).chunk(3, dim=-1))
+        q, k, v = (split_heads(t, self.heads) for t in run_linear(self.to_qkv, run_layer_norm(self.norm, x)).chunk(3, dim=-1))
         out = mixed_attend(q, k, v, self.scale, self.dropout, post_mix=self.reattn_weights,
                            norm=self.reattn_norm.norm)
-        return self.to_out(out)
+        return run_module(self.to_out, out)
 
 
 class Transformer(nn.Module):

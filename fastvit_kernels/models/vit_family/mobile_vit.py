@@ -19,6 +19,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...modules.conv_bn_act import BatchNormFold, FusedConvBNActSequential, activation_name, conv_bn_act
+from ...memory import run_layer_norm, run_linear
+from ...modules.patch_transformer import run_module
 from ...ops.patch_attention import patch_attention
 from .vit import layer_pairs, run_layer_pairs
 
@@ -69,7 +71,7 @@ class FeedForward(nn.Module):
                                  nn.Linear(hidden_dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return run_module(self.net, x)
 
 
 class Attention(nn.Module):
@@ -89,12 +91,12 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        qkv = self.to_qkv(self.norm(x))
+        qkv = run_linear(self.to_qkv, run_layer_norm(self.norm, x))
         if self.dropout.training and self.dropout.p > 0:
             out = self._attend_with_dropout(qkv)
         else:
             out = patch_attention(qkv, self.heads, self.patch_size, self.scale)
-        return self.to_out(out)
+        return run_module(self.to_out, out)
 
     def _attend_with_dropout(self, qkv: Tensor) -> Tensor:
         """The fused op has no dropout on the probabilities: vit-pytorch's unfold and map, written out

@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...modules.patch_transformer import can_overwrite
+from ...memory import run_layer_norm, run_linear
+from ...modules.patch_transformer import can_overwrite, run_module
 from ...ops.patch_attention import attention, patch_attention
 
 
@@ -56,7 +57,7 @@ class FeedForward(nn.Module):
                                  nn.Linear(hidden_dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return run_module(self.net, x)
 
 
 class Attention(nn.Module):
@@ -74,8 +75,8 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout)) if project_out else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self_attend(self.to_qkv(self.norm(x)), self.heads, self.scale, self.dropout)
-        return self.to_out(out)
+        out = self_attend(run_linear(self.to_qkv, run_layer_norm(self.norm, x)), self.heads, self.scale, self.dropout)
+        return run_module(self.to_out, out)
 
 
 def layer_pairs(depth: int, attention: Callable[[int], nn.Module], feed_forward: Callable[[int], nn.Module]
@@ -111,7 +112,7 @@ class Transformer(nn.Module):
                                   lambda i: FeedForward(dim, mlp_dim, dropout=dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(run_layer_pairs(self.layers, x, self.training))
+        return run_layer_norm(self.norm, run_layer_pairs(self.layers, x, self.training))
 
 
 def check_image(img: Tensor, channels: int, image_size: Tuple[int, int], patch_size: Tuple[int, int],
