@@ -203,8 +203,9 @@ def test_t2t_large_head_dims_by_name_say_why(backend):
     (test_eval_matches_vit_pytorch[T2TViT-auto])."""
     case = CASES["T2TViT"]
     ours, _ = build(case)
-    with pytest.raises(BackendUnavailable, match=r"head.dim.{0,4}147"):
+    with pytest.raises(BackendUnavailable, match=r"head.dim.{0,4}147") as error:
         run(ours.eval(), images(case), backend)
+    assert "reference serves" in str(error.value) and "cuda or reference" not in str(error.value)
 
 
 def test_t2t_custom_transformer_passes_through():

@@ -211,7 +211,11 @@ def _triton_refuses(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
     from ..triton.patch_attention import unsupported
 
     reason = unsupported(q, k, v)
-    return f"{reason} (the cuda or reference backend serves it)" if reason else None
+    if reason is None:
+        return None
+    # Head dims past every kernel (T2T-ViT's) have one server; the other refusals, two.
+    large = max(q.shape[-1], v.shape[-1]) > max(MAX_HEAD_DIM["cuda"], MAX_HEAD_DIM["cpu"])
+    return f"{reason} ({'only the reference serves it' if large else 'the cuda or reference backend serves it'})"
 
 
 def _extension_refuses(backend: str):
