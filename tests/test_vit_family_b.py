@@ -285,3 +285,23 @@ def test_levit_distill_head_and_train_mode_dropout_path():
     torch.manual_seed(1)
     for a, b in zip(out, ref(x)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,module,op", [("LeViT", "levit", "bias_attention"), ("CvT", "cvt", "attend")])
+def test_attention_gets_unit_stride_head_dims(name, module, op, monkeypatch):
+    """The conv models run channels_last, so the q/k/v heads handed to the attention kernels have
+    unit-stride head dims (NCHW maps would give them stride H * W, the kernels' slow path)."""
+    target = getattr(vit_family, module)
+    seen = []
+    original = getattr(target, op)
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q.stride(-1), k.stride(-1), v.stride(-1)))
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(target, op, recording)
+    case = CASES[name]
+    ours, _ = build(case)
+    with torch.no_grad():
+        ours.eval()(images(case))
+    assert seen and all(s == (1, 1, 1) for s in seen), seen

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ... import memory
 from ...modules.conv_bn_act import BatchNormFold, _FoldCacheMixin, conv_bn_act
 from .vit import attend, layer_pairs, run_layer_pairs
 
@@ -132,4 +133,6 @@ class CvT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"CvT: expected images [B, {self.channels}, H, W], got shape {tuple(x.shape)}")
-        return self.to_logits(self.layers(x))
+        # channels_last maps (the convs keep the layout): q, k, v heads then have unit-stride head dims,
+        # the layout the attention kernels tile.
+        return self.to_logits(self.layers(memory.channels_last(x)))

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ... import memory
 from ...modules.conv_bn_act import FusedConvBNActSequential
 from ...ops.bias_attention import bias_attention
 from .vit import layer_pairs, run_layer_pairs
@@ -151,7 +152,9 @@ class LeViT(nn.Module):
 
     def forward(self, img: Tensor):
         self.check_image(img)
-        x = self.pool(self.backbone(self.conv_embedding(img)))
+        # channels_last maps (the convs keep the layout): the heads_view of a q/k/v projection then has
+        # unit-stride head dims, the layout the attention kernels tile; NCHW would give them stride H*W.
+        x = self.pool(self.backbone(self.conv_embedding(memory.channels_last(img))))
         out = self.mlp_head(x)
         if self.distill_head is None:
             return out
