@@ -138,6 +138,22 @@ def channels_last(x: Tensor) -> Tensor:
     return empty(x.shape, x.dtype, x.device, torch.channels_last).copy_(x)
 
 
+def pointwise_conv(conv: nn.Conv2d, x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None
+                   ) -> Tensor:
+    """``conv._conv_forward(x, weight, bias)`` (the module's own weight and bias by default). A 1x1
+    conv (no padding, one group) of a channels_last CPU map in inference runs as a Linear over the
+    pixels into a cached buffer, the result channels_last; oneDNN's conv would return fresh memory."""
+    weight = conv.weight if weight is None else weight
+    bias = conv.bias if bias is None and weight is conv.weight else bias
+    unpadded = isinstance(conv.padding, str) or not any(conv.padding)  # "same" pads a 1x1 conv by 0
+    if (tuple(conv.kernel_size) != (1, 1) or conv.groups != 1 or not unpadded or x.dim() != 4
+            or not x.is_contiguous(memory_format=torch.channels_last) or not into_cache(x, weight, bias)):
+        return conv._conv_forward(x, weight, bias)
+    sy, sx = conv.stride
+    pixels = x[:, :, ::sy, ::sx].permute(0, 2, 3, 1)  # [B, H, W, C]
+    return linear(pixels, weight.flatten(1), bias).permute(0, 3, 1, 2)
+
+
 def run_linear(module: nn.Module, x: Tensor) -> Tensor:
     """``module(x)``; a plain ``nn.Linear`` runs as :func:`linear`."""
     if not plain(module, nn.Linear):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import memory
 from ..ops.dwconv_bn_act import ACTIVATIONS, KERNEL_SIZES, STRIDES, dwconv_bn_act
 
 _ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "none", type(None): "none"}
@@ -148,7 +149,7 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str, fold: 
         return dwconv_bn_act(x, weight, bias, conv.stride[0], act)
     if x.dim() == 4 and x.shape[1] != conv.in_channels:
         raise ValueError(f"conv_bn_act: x has C={x.shape[1]} channels, the conv expects {conv.in_channels}")
-    y = conv._conv_forward(x, weight.to(x.dtype), bias.to(x.dtype))
+    y = memory.pointwise_conv(conv, x, weight.to(x.dtype), bias.to(x.dtype))
     # In place saves a pass over memory; autograd needs the pre-activation when grads flow.
     inplace = not (torch.is_grad_enabled() and y.requires_grad)
     return _ACT_INPLACE[act](y) if inplace else _ACT_FUNCTIONS[act](y)

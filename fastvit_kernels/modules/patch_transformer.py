@@ -65,10 +65,16 @@ def activate(act: nn.Module, t: Tensor) -> Tensor:
     return in_place(act, t) if in_place is not None and can_overwrite(t) else act(t)
 
 
+def _frozen(bn: nn.Module) -> bool:
+    """A BatchNorm in eval mode with running statistics and affine parameters."""
+    return not bn.training and bn.running_mean is not None and bn.weight is not None and bn.bias is not None
+
+
 def run_module(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)``. In CPU inference a plain ``nn.Sequential`` of Linear / LayerNorm / activations /
-    Dropout / Identity (vit-pytorch's FeedForward and ``to_out``) runs step by step: Linear and
-    LayerNorm into cached buffers (:mod:`fastvit_kernels.memory`), activations in place on them."""
+    """``module(x)``. In CPU inference a plain ``nn.Sequential`` of Linear / LayerNorm / Conv2d /
+    activations / Dropout / Identity / eval BatchNorm2d (vit-pytorch's FeedForward and ``to_out``) runs
+    step by step: Linear, LayerNorm and 1x1 convs of channels_last maps into cached buffers
+    (:mod:`fastvit_kernels.memory`), activations and BatchNorm in place on them."""
     if not memory.plain(module, nn.Sequential) or not memory.into_cache(x):
         return module(x)
     fresh = False  # whether x is an intermediate made here (never overwrite the caller's input)
@@ -78,6 +84,11 @@ def run_module(module: nn.Module, x: Tensor) -> Tensor:
             x, fresh = memory.run_linear(step, x), True
         elif memory.plain(step, nn.LayerNorm):
             x, fresh = memory.run_layer_norm(step, x), True
+        elif memory.plain(step, nn.Conv2d):
+            x, fresh = memory.pointwise_conv(step, x), True
+        elif kind is nn.BatchNorm2d and fresh and memory.plain(step, kind) and _frozen(step):
+            scale = step.weight * torch.rsqrt(step.running_var + step.eps)
+            x = x.mul_(scale[:, None, None]).add_((step.bias - step.running_mean * scale)[:, None, None])
         elif kind in _IN_PLACE and fresh and memory.plain(step, kind):
             x = _IN_PLACE[kind](step, x)
         elif kind in (nn.Dropout, nn.Identity) and memory.plain(step, kind) and not (

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ... import memory
 from ...modules.conv_bn_act import BatchNormFold, _FoldCacheMixin, conv_bn_act
+from ...modules.patch_transformer import run_module
 from .vit import attend, layer_pairs, run_layer_pairs
 
 
@@ -42,7 +43,7 @@ class FeedForward(nn.Module):
                                  nn.Conv2d(dim * mult, dim, 1), nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return run_module(self.net, x)
 
 
 class DepthWiseConv2d(_FoldCacheMixin, nn.Module):
@@ -88,7 +89,7 @@ class Attention(nn.Module):
         q = self.heads_view(self.to_q(x))
         k, v = (self.heads_view(t) for t in self.to_kv(x).chunk(2, dim=1))
         out = attend(q, k, v, self.scale, self.dropout)  # [B, H * W, heads * d]
-        return self.to_out(out.transpose(1, 2).unflatten(2, (H, W)))
+        return run_module(self.to_out, out.transpose(1, 2).unflatten(2, (H, W)))
 
 
 class Transformer(nn.Module):

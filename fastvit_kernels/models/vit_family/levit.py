@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ... import memory
 from ...modules.conv_bn_act import FusedConvBNActSequential
+from ...modules.patch_transformer import run_module
 from ...ops.bias_attention import bias_attention
 from .vit import layer_pairs, run_layer_pairs
 
@@ -37,7 +38,7 @@ class FeedForward(nn.Module):
                                  nn.Conv2d(dim * mult, dim, 1), nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return run_module(self.net, x)
 
 
 def conv_bn(dim_in: int, dim_out: int, stride: int = 1) -> nn.Module:
@@ -91,7 +92,7 @@ class Attention(nn.Module):
         else:
             table = self.pos_bias.weight.t() / self.scale
             out = bias_attention(q, k, v, table, self.fmap_size, self.stride, self.scale)  # [B, Nq, heads * dv]
-        return self.to_out(out.transpose(1, 2).unflatten(2, (side, -1)))
+        return run_module(self.to_out, out.transpose(1, 2).unflatten(2, (side, -1)))
 
 
 class Transformer(nn.Module):
