@@ -1,5 +1,6 @@
 """The README's results section is generated from the stored JSONs in bench/results/."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def test_a_row_per_stored_device_and_entry():
     markdown = summary.results_markdown(RESULTS)
     rows = _table_rows(markdown)
     assert len(rows) == len(newest)
-    for (device_type, device_name, op), (path, result) in newest.items():
+    for (device_type, device_name, op, _dtypes), (path, result) in newest.items():
         assert f"**{device_name}** ({device_type})" in markdown
         assert any(row.startswith(f"| `{op}` |") and path.name in row for row in rows), op
 
@@ -57,3 +58,14 @@ def test_readme_without_markers_is_a_clean_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--readme-table", str(RESULTS), "--update-readme", str(readme)])
     assert exit_info.value.code == 2 and "results:begin" in capsys.readouterr().err
+
+
+def test_a_run_in_other_dtypes_keeps_the_older_row(tmp_path):
+    old = sorted(RESULTS.glob("dwconv_bn_act_cpu_*.json"))[0]
+    shutil.copy(old, tmp_path / old.name)
+    text = old.read_text().replace('"date": "2026-', '"date": "2099-', 1)
+    result = json.loads(text)
+    result["settings"]["dtypes"] = ["bfloat16"]
+    (tmp_path / "dwconv_bn_act_cpu_bf16.json").write_text(json.dumps(result))
+    rows = _table_rows(summary.results_markdown(tmp_path, relative_to=tmp_path))
+    assert len(rows) == 2 and any(old.name in row for row in rows)

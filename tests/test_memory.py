@@ -215,3 +215,41 @@ def test_crossvit_packed_qkv_weight_follows_weight_updates():
     with torch.no_grad():
         torch.testing.assert_close(third, ref(x))
     assert not torch.allclose(first, second) and not torch.allclose(second, third)
+
+
+@pytest.mark.parametrize("stride,bias,padding", [(1, True, 0), (2, False, 0), (1, True, "same"), (1, True, 1)])
+def test_pointwise_conv_matches_the_conv(stride, bias, padding):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 40, 1, stride=stride, bias=bias, padding=padding).eval()
+    x = torch.randn(2, 24, 9, 7)
+    before = _live()
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        with torch.no_grad():
+            out = memory.pointwise_conv(conv, inp)
+            torch.testing.assert_close(out, conv(inp))
+            if inp.is_contiguous(memory_format=torch.channels_last) and padding != 1:
+                assert out.is_contiguous(memory_format=torch.channels_last) and _live() > before
+        del out
+    w, b = torch.randn(40, 24, 1, 1), torch.randn(40)  # explicit (e.g. folded) weight and bias
+    with torch.no_grad():
+        torch.testing.assert_close(memory.pointwise_conv(conv, x.contiguous(memory_format=torch.channels_last), w, b),
+                                   F.conv2d(x, w, b, stride, conv.padding))
+
+
+def test_run_module_convs_and_frozen_batchnorm():
+    from fastvit_kernels.modules.patch_transformer import run_module
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(16)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    seq = nn.Sequential(nn.GELU(), nn.Conv2d(8, 16, 1), bn, nn.Hardswish(), nn.Conv2d(16, 8, 3, padding=1),
+                        nn.Dropout(0.0)).eval()
+    x = torch.randn(2, 8, 6, 5).contiguous(memory_format=torch.channels_last)
+    kept = x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(run_module(seq, x), seq(x))
+    assert torch.equal(x, kept)

@@ -41,10 +41,11 @@ def device_key(result: dict) -> Tuple[str, str]:
 
 
 def newest_per_device_and_entry(results: Iterable[Tuple[Path, dict]]) -> Dict[Tuple, Tuple[Path, dict]]:
-    """{(device type, device name, op): (path, result)} keeping the newest ``date`` of each."""
+    """{(device type, device name, op, dtypes): (path, result)} keeping the newest ``date`` of each: a
+    run in other dtypes (bfloat16 after float32) does not hide the older one."""
     newest = {}
     for path, result in results:
-        key = (*device_key(result), result["op"])
+        key = (*device_key(result), result["op"], tuple(result["settings"]["dtypes"]))
         if key not in newest or _date(result) > _date(newest[key][1]):
             newest[key] = (path, result)
     return newest
