@@ -1,19 +1,19 @@
-"""CPU tensors from a caching allocator, and the inference-time Linear / LayerNorm that write into them.
+"""CPU tensors from a caching allocator, and the inference-time Linear / LayerNorm / 1x1 conv / layout
+copy that write into them.
 
 glibc serves every block above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh pages
-and unmaps it on free, so each large activation of each forward pass pays a page fault per 4 KiB page
-when it is first written. On the 2-core VM this package is developed on that is ~2 us per page (a
-9.6 MB MLP activation of EdgeNeXt at batch 8: ~4.6 ms, against ~3 ms for the GEMM that fills it), and
-with a malloc that keeps its pages timm's EdgeNeXt-XXS runs 1.45x faster (bench/results/README.md).
-The extension keeps freed blocks and hands them out again (csrc/cpu_cache.h), as PyTorch's CUDA
-caching allocator does on the GPU; the fused ops allocate their CPU outputs there, and the modules'
-inference path runs Linear and LayerNorm into such buffers (``out=``).
+and unmaps it on free, so a large activation may pay a page fault per 4 KiB page when it is first
+written. On the 2-core VM this package is developed on that is ~2 us per page (in a profile of
+EdgeNeXt-XXS at batch 8, filling a fresh 9.6 MB MLP activation took 4.6 ms; the GEMM that computes it,
+~2 ms). The extension keeps freed blocks and hands them out again (csrc/cpu_cache.h), as PyTorch's
+CUDA caching allocator does on the GPU; the fused ops allocate their CPU outputs there, and the
+modules' inference path runs Linear, LayerNorm and 1x1 convs into such buffers (``out=``). README,
+"CPU memory".
 
-Equivalent PyTorch: ``torch.empty``; ``F.linear``; ``F.layer_norm``. Idle blocks are kept up to a
-limit (1 GiB, ``set_cpu_cache_limit``) and returned to the OS by ``empty_cpu_cache()``;
+Equivalent PyTorch: ``torch.empty``; ``F.linear``; ``F.layer_norm``; ``F.conv2d``. Idle blocks are kept
+up to a limit (1 GiB, ``set_cpu_cache_limit``) and returned to the OS by ``empty_cpu_cache()``;
 ``FASTVIT_KERNELS_CPU_CACHE=0`` turns the cache off (plain ``torch.empty`` everywhere).
 """
-
 from __future__ import annotations
 
 import os
@@ -84,7 +84,7 @@ def set_cpu_cache_limit(limit_bytes: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Modules' inference path: nn.Linear / nn.LayerNorm into cached buffers.
+# Modules' inference path: Linear, LayerNorm, 1x1 convs and layout copies into cached buffers.
 # --------------------------------------------------------------------------------------------------
 
 
