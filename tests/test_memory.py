@@ -211,7 +211,6 @@ def test_crossvit_packed_qkv_weight_follows_weight_updates():
         third = attn(x)
     ref = Attention(32, heads=2, dim_head=16).eval()
     ref.load_state_dict(attn.state_dict())
-    ref._packed_key = None
     with torch.no_grad():
         torch.testing.assert_close(third, ref(x))
     assert not torch.allclose(first, second) and not torch.allclose(second, third)
@@ -253,3 +252,14 @@ def test_run_module_convs_and_frozen_batchnorm():
     with torch.no_grad():
         torch.testing.assert_close(run_module(seq, x), seq(x))
     assert torch.equal(x, kept)
+
+
+def test_crossvit_built_in_inference_mode_runs():
+    """Parameters made under inference_mode have no version counter: the packed weight is not cached."""
+    from fastvit_kernels.models.vit_family.cross_vit import Attention
+
+    with torch.inference_mode():
+        attn = Attention(32, heads=2, dim_head=16).eval()
+        x = torch.randn(2, 5, 32)
+        packed = F.linear(attn.norm(x), torch.cat((attn.to_q.weight, attn.to_kv.weight)))
+        assert attn(x).shape == (2, 5, 32) and packed.shape == (2, 5, 96)

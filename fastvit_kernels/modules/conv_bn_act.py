@@ -10,7 +10,7 @@ without running statistics: the conv, then BatchNorm with batch statistics exact
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -99,13 +99,14 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]
     return conv.weight.to(acc) * scale.view(-1, *([1] * (conv.weight.dim() - 1))), bias
 
 
-class BatchNormFold:
-    """The folded weight and bias of one conv + BN pair, recomputed when any source tensor changes.
+class DerivedCache:
+    """A value computed from source tensors, recomputed when any source changes.
 
     A change is a new tensor (``.to()``, ``.half()``, assigning ``.data``: another data pointer) or an
-    in-place write (``load_state_dict``, an optimizer step: the version counter moves). Modules also
-    drop the cache in ``_apply``. No cache while compiling (the fold is traced into the graph) or when
-    the fold must carry gradients, or for parameters created under ``torch.inference_mode()``.
+    in-place write (``load_state_dict``, an optimizer step: the version counter moves). Owners also
+    call ``invalidate()`` in ``_apply``. No cache while compiling (the computation is traced into the
+    graph) or when the value must carry gradients, or for sources created under
+    ``torch.inference_mode()`` (they have no version counter).
     """
 
     def __init__(self):
@@ -114,20 +115,25 @@ class BatchNormFold:
     def invalidate(self) -> None:
         self._key, self._value = None, None
 
-    def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
-        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    def get(self, sources: Sequence[Optional[Tensor]], compute: Callable[[], object], extra: tuple = ()):
         present = [t for t in sources if t is not None]
-        # Inference tensors have no version counter, so a change to them cannot be seen: no cache.
         if torch.compiler.is_compiling() or any(t.is_inference() for t in present) or (
                 torch.is_grad_enabled() and any(t.requires_grad for t in present)):
-            return fold_batchnorm(conv, bn)
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-        key += (bn.eps,)
+            return compute()
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources) + extra
         if key != self._key:
             with torch.no_grad():
-                self._value = fold_batchnorm(conv, bn)
+                self._value = compute()
             self._key = key
         return self._value
+
+
+class BatchNormFold(DerivedCache):
+    """The folded weight and bias of one conv + BN pair, recomputed when any source tensor changes."""
+
+    def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        return self.get(sources, lambda: fold_batchnorm(conv, bn), (bn.eps,))
 
 
 def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str, fold: BatchNormFold) -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ... import memory
 from ...memory import run_layer_norm, run_linear
+from ...modules.conv_bn_act import DerivedCache
 from ...modules.patch_transformer import run_module
 from .vit import (FeedForward, PatchEmbedding, attend, check_image, layer_pairs, pair, run_layer_pairs, self_attend,
                   split_heads)
@@ -35,6 +36,7 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.to_q = nn.Linear(dim, inner_dim, bias=False)
         self.to_kv = nn.Linear(dim, inner_dim * 2, bias=False)
+        self._packed_qkv = DerivedCache()  # not a buffer: outside the state_dict
         self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, kv_include_self: bool = False) -> Tensor:
@@ -54,12 +56,7 @@ class Attention(nn.Module):
         """``cat(to_q.weight, to_kv.weight)``; kept between inference calls (a fresh concatenation per
         call cost more than the attention at CrossViT's small scale), rebuilt when either changes."""
         w_q, w_kv = self.to_q.weight, self.to_kv.weight
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (w_q.requires_grad or w_kv.requires_grad)):
-            return torch.cat((w_q, w_kv))
-        key = (w_q.data_ptr(), w_q._version, w_kv.data_ptr(), w_kv._version)
-        if getattr(self, "_packed_key", None) != key:
-            self._packed, self._packed_key = torch.cat((w_q, w_kv)), key
-        return self._packed
+        return self._packed_qkv.get((w_q, w_kv), lambda: torch.cat((w_q, w_kv)))
 
 
 class Transformer(nn.Module):
