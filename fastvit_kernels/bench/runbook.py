@@ -48,11 +48,14 @@ DTYPES = ("float32", "float16", "bfloat16")
 # Op cases on CUDA come in batches 1, 8, 64, 256: 8 (the dwconv shapes' batch, latency-bound) and 256
 # (bandwidth-bound) show both ends in the time there is.
 OP_BATCHES = (8, 256)
-# Whole models: one batch size, the most deployed first; torch.compile of a model takes about a
-# minute, so the time budget decides how many run.
+# Whole models: one batch size, the most deployed first, timm's and vit-pytorch's interleaved;
+# torch.compile of a model takes tens of seconds per dtype, so the time budget decides how many run,
+# and they run in float32 and bfloat16 only (float16 runs at bfloat16's speed on these GPUs).
 MODEL_BATCH = 64
-MODEL_PRIORITY = ("mobilevit_s", "edgenext_small", "levit_256", "mobilevit_xxs", "levit_128s",
-                  "edgenext_xx_small")
+MODEL_DTYPES = ("bfloat16", "float32")
+MODEL_PRIORITY = ("mobilevit_s", "edgenext_small", "levit_256", "vitp_vit", "vitp_cait", "vitp_deepvit",
+                  "vitp_cvt", "vitp_pit", "vitp_crossvit", "mobilevit_xxs", "levit_128s", "edgenext_xx_small",
+                  "vitp_levit", "vitp_mobilevit", "vitp_distillable_vit", "vitp_t2t")
 BENCH_SETTINGS = ("--warmup", "2", "--repeats", "10")
 # A case already started runs to its end after the time budget passes: this much is kept back.
 OP_CASE_S, MODEL_CASE_S = 20, 90
@@ -78,6 +81,15 @@ def device_slug() -> str:
     from .environment import device_slug as slug
 
     return slug(torch.device("cuda"))
+
+
+def device_arch() -> str:
+    """TORCH_CUDA_ARCH_LIST for the GPU of this machine ("9.0" on an H100/H200); setup.py's default
+    when there is none (a dry run)."""
+    if not torch.cuda.is_available():
+        return os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}"
 
 
 def op_entries() -> List[str]:
@@ -108,26 +120,35 @@ def xdist_args() -> List[str]:
 
 
 def make_steps(folder: Path, build: bool) -> List[Step]:
-    bench = [PY, "-m", "fastvit_kernels.bench", "--device", "cuda", "--dtype", *DTYPES, "--out", str(folder),
-             *BENCH_SETTINGS]
+    bench = [PY, "-m", "fastvit_kernels.bench", "--device", "cuda", "--out", str(folder), *BENCH_SETTINGS]
     ops = op_entries()
+    # The build targets this GPU only: half the nvcc time of the default two architectures.
     steps = [
         Step("nvidia-smi", ["nvidia-smi"], 30, 5, "nvidia-smi.txt"),
         Step("build", [PY, "setup.py", "build_ext", "--inplace"], 300, 60, "build.log",
-             {"FASTVIT_KERNELS_BUILD_CUDA": "1", "MAX_JOBS": str(os.cpu_count() or 2)}) if build else None,
+             {"FASTVIT_KERNELS_BUILD_CUDA": "1", "MAX_JOBS": str(os.cpu_count() or 2),
+              "TORCH_CUDA_ARCH_LIST": device_arch()}) if build else None,
         Step("info", [PY, "-m", "fastvit_kernels.info"], 60, 10, "info.txt"),
         Step("tests", [PY, "-m", "pytest", "-q", "tests", "-p", "no:cacheprovider", *xdist_args(),
-                       f"--junitxml={folder / 'tests.xml'}"], 240, 60, "tests.log"),
+                       f"--junitxml={folder / 'tests.xml'}"], 270, 60, "tests.log"),
     ]
-    # The ops share 60% of the benchmark time equally and the models get the rest: op i of n takes
-    # 1 / (ops left + the models' weight in ops) of the time left when it starts.
-    models_weight = len(ops) * 0.4 / 0.6
-    steps += [Step(f"bench-{op}", bench + ["--op", op, "--batch", *map(str, OP_BATCHES)], 120, 30,
-                   f"bench-{op}.log", share=1 / (len(ops) - i + models_weight)) for i, op in enumerate(ops)]
+    steps += [Step(f"bench-{op}", bench + ["--dtype", *DTYPES, "--op", op, "--batch", *map(str, OP_BATCHES)],
+                   120, 30, f"bench-{op}.log") for op in ops]
     if model_entries():
-        steps.append(Step("bench-models", bench + ["--op", *model_entries(), "--batch", str(MODEL_BATCH)],
+        steps.append(Step("bench-models", bench + ["--dtype", *MODEL_DTYPES, "--op", *model_entries(),
+                                                   "--batch", str(MODEL_BATCH)],
                           600, MODEL_CASE_S + 10, "bench-models.log"))
     return [s for s in steps if s is not None]
+
+
+def share_bench_time(steps: List[Step]) -> None:
+    """The op benchmarks share 60% of the benchmark time equally and the models get the rest (all of
+    it for whichever of the two runs alone): op i of n takes 1 / (ops left + the models' weight in
+    ops) of the time left when it starts."""
+    ops = [s for s in steps if s.name.startswith("bench-") and s.name != "bench-models"]
+    models_weight = len(ops) * 0.4 / 0.6 if any(s.name == "bench-models" for s in steps) else 0.0
+    for i, step in enumerate(ops):
+        step.share = 1 / (len(ops) - i + models_weight)
 
 
 def _timeout(steps: List[Step], i: int, left_s: float) -> float:
@@ -256,6 +277,7 @@ def main(argv=None) -> int:
                          f"{', '.join(s.name for s in steps)} (or bench)")
         steps = [s for s in steps if s.name in args.steps or ("bench" in args.steps and s.name.startswith("bench-"))]
 
+    share_bench_time(steps)
     if args.dry_run:
         print(f"folder: {folder}\nbudget: {args.budget} s")
         for s in steps:
