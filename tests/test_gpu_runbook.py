@@ -5,7 +5,7 @@ import tarfile
 import pytest
 import torch
 
-from fastvit_kernels.bench import REGISTRY, runbook
+from fastvit_kernels.bench import REGISTRY, runbook, test_files
 
 
 def test_dry_run_lists_every_step(capsys):
@@ -15,7 +15,7 @@ def test_dry_run_lists_every_step(capsys):
         assert f"\n{step}: up to" in out, step
     for name, entry in REGISTRY.items():  # a newly registered op gets its own benchmark step
         assert (f"bench-{name}:" in out) == (entry.kind == "op"), name
-    assert "--junitxml=" in out and "--dtype float32 float16 bfloat16" in out and "--device cuda" in out
+    assert "fastvit_kernels.bench.test_files" in out and "--dtype float32 float16 bfloat16" in out and "--device cuda" in out
 
 
 def test_steps_fit_the_budget():
@@ -35,14 +35,37 @@ def test_no_gpu_is_a_clear_error(tmp_path, capsys):
 
 
 def test_junit_counts(tmp_path):
-    xml = tmp_path / "t.xml"
-    xml.write_text('<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
-                   '<testcase classname="tests.a" name="ok"/><testcase classname="tests.a" name="bad">'
-                   '<failure message="x"/></testcase><testcase classname="tests.a" name="s"><skipped/></testcase>'
-                   '</testsuite></testsuites>')
-    counts = runbook.junit_counts(xml)
-    assert (counts["tests"], counts["failures"], counts["skipped"]) == (3, 1, 1)
-    assert counts["failed"] == ["tests.a::bad"]
+    (tmp_path / "test_a.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.a" name="ok"/><testcase classname="tests.a" name="bad">'
+        '<failure message="x"/></testcase><testcase classname="tests.a" name="s"><skipped/></testcase>'
+        '</testsuite></testsuites>')
+    (tmp_path / "test_b.xml").write_text('<testsuite tests="2" failures="0" errors="1" skipped="0">'
+                                         '<testcase classname="tests.b" name="e"><error/></testcase>'
+                                         '<testcase classname="tests.b" name="ok"/></testsuite>')
+    (tmp_path / "crashes.txt").write_text("tests/test_c.py::test_x[1]\tSIGSEGV\n")
+    counts = runbook.junit_counts(tmp_path)
+    assert (counts["tests"], counts["failures"], counts["errors"], counts["skipped"]) == (5, 1, 1, 1)
+    assert counts["failed"] == ["tests.a::bad", "tests.b::e"]
+    assert counts["crashed"] == ["tests/test_c.py::test_x[1]\tSIGSEGV"]
+    assert runbook.junit_counts(tmp_path / "missing") is None
+
+
+def test_a_crashing_test_costs_only_itself(tmp_path):
+    """test_files: a test that kills its process is recorded and the file runs on without it."""
+    test = tmp_path / "test_crashy.py"
+    test.write_text("import os, signal\n"
+                    "def test_before(): pass\n"
+                    "def test_crash(): os.kill(os.getpid(), signal.SIGSEGV)\n"
+                    "def test_after(): pass\n")
+    other = tmp_path / "test_fine.py"
+    other.write_text("def test_one(): assert 1\n")
+    out = tmp_path / "out"
+    assert test_files.main([str(test), str(other), "--out", str(out), "--jobs", "2"]) == 1
+    counts = runbook.junit_counts(out)
+    assert len(counts["crashed"]) == 1 and counts["crashed"][0].endswith("test_crashy.py::test_crash\tSIGSEGV")
+    # The rerun ran the other two tests of the crashed file, once each; the other file ran too.
+    assert (counts["tests"], counts["failures"], counts["errors"]) == (3, 0, 0)
 
 
 def test_steps_run_with_time_limits_into_one_folder(tmp_path, monkeypatch):

@@ -213,8 +213,8 @@ def test_t2t_custom_transformer_passes_through():
     kwargs = dict(CASES["T2TViT"].kwargs, depth=None, heads=None, mlp_dim=None)
     backbone = vit_family.vit.Transformer(32, 1, 2, 8, 16)
     torch.manual_seed(0)
-    ref = t2t.T2TViT(**kwargs, transformer=copy.deepcopy(backbone)).eval()
-    ours = vit_family.T2TViT(**kwargs, transformer=backbone).eval()
+    ref = t2t.T2TViT(**kwargs, transformer=copy.deepcopy(backbone)).to(DEVICE).eval()
+    ours = vit_family.T2TViT(**kwargs, transformer=backbone).to(DEVICE).eval()
     assert ours.transformer is backbone
     ours.load_state_dict(ref.state_dict())
     x = images(CASES["T2TViT"])

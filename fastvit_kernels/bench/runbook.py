@@ -9,9 +9,12 @@ Steps, each a subprocess with its own log and time limit, in bench/results/<devi
 
 1. ``nvidia-smi`` (nvidia-smi.txt);
 2. build the extension with its CUDA kernels in place, unless one with CUDA already imports (build.log);
-3. ``python -m fastvit_kernels.info`` (info.txt);
+3. ``python -m fastvit_kernels.info`` (info.txt), then the diagnostics of ``gpu_probes`` for what
+   the last GPU run left unexplained (probes.txt);
 4. the whole test suite on the GPU, bfloat16 included: TRITON_INTERPRET is removed from the
-   environment, so tests/helpers.py picks the CUDA device and every dtype (tests.xml, tests.log);
+   environment, so tests/helpers.py picks the CUDA device and every dtype; one pytest per test file,
+   several at a time, so a test that crashes its process costs only itself (``test_files``;
+   tests/<file>.xml and .log, tests/crashes.txt);
 5. the benchmark CLI on ``cuda`` for every backend that loaded, float32/float16/bfloat16: one run per
    op (its JSON, PNG and log), then the whole models at one batch size (bench-models.log);
 6. summary.md: the steps, the test counts and failures, and the results table made from the JSONs.
@@ -108,17 +111,6 @@ def extension_has_cuda() -> bool:
     return subprocess.run([PY, "-c", check], cwd=ROOT, capture_output=True).returncode == 0
 
 
-def xdist_args() -> List[str]:
-    """pytest-xdist workers when it is installed: most of the suite's time is Triton and nvcc
-    compiling, which runs on the CPU cores in parallel."""
-    try:
-        import xdist  # noqa: F401
-    except ImportError:
-        return []
-    # loadfile: a module's tests stay on one worker, so a module fixture (the CLI's quick run) runs once.
-    return ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2))), "--dist", "loadfile"]
-
-
 def make_steps(folder: Path, build: bool) -> List[Step]:
     bench = [PY, "-m", "fastvit_kernels.bench", "--device", "cuda", "--out", str(folder), *BENCH_SETTINGS]
     ops = op_entries()
@@ -129,8 +121,9 @@ def make_steps(folder: Path, build: bool) -> List[Step]:
              {"FASTVIT_KERNELS_BUILD_CUDA": "1", "MAX_JOBS": str(os.cpu_count() or 2),
               "TORCH_CUDA_ARCH_LIST": device_arch()}) if build else None,
         Step("info", [PY, "-m", "fastvit_kernels.info"], 60, 10, "info.txt"),
-        Step("tests", [PY, "-m", "pytest", "-q", "tests", "-p", "no:cacheprovider", *xdist_args(),
-                       f"--junitxml={folder / 'tests.xml'}"], 270, 60, "tests.log"),
+        Step("probes", [PY, "-m", "fastvit_kernels.bench.gpu_probes"], 90, 10, "probes.txt"),
+        Step("tests", [PY, "-m", "fastvit_kernels.bench.test_files", "--out", str(folder / "tests")], 270, 60,
+             "tests.log"),
     ]
     steps += [Step(f"bench-{op}", bench + ["--dtype", *DTYPES, "--op", op, "--batch", *map(str, OP_BATCHES)],
                    120, 30, f"bench-{op}.log") for op in ops]
@@ -194,15 +187,28 @@ def run_step(step: Step, folder: Path, timeout_s: float) -> None:
     step.seconds = time.monotonic() - start
 
 
-def junit_counts(xml_path: Path) -> Optional[dict]:
-    """tests, failures, errors, skipped and the failed test ids from pytest's JUnit XML."""
-    if not xml_path.is_file():
+def junit_counts(folder: Path) -> Optional[dict]:
+    """tests, failures, errors, skipped and the failed test ids from the JUnit XML files in ``folder``
+    (one per test file), with the tests that crashed their process; None when there is none."""
+    paths = sorted(folder.glob("*.xml")) if folder.is_dir() else []
+    if not paths:
         return None
-    root = ET.parse(xml_path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
-    counts["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
-                        if case.find("failure") is not None or case.find("error") is not None]
+    counts = {key: 0 for key in ("tests", "failures", "errors", "skipped")}
+    counts["failed"] = []
+    for path in paths:
+        try:
+            root = ET.parse(path).getroot()
+        except ET.ParseError:  # cut off mid-write
+            continue
+        suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+        for key in ("tests", "failures", "errors", "skipped"):
+            counts[key] += sum(int(s.get(key, 0)) for s in suites)
+        counts["failed"] += [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
+                             if case.find("failure") is not None or case.find("error") is not None]
+    crashes = folder / "crashes.txt"
+    counts["crashed"] = crashes.read_text().splitlines() if crashes.is_file() else []
+    not_run = folder / "not_run.txt"
+    counts["not_run"] = not_run.read_text().split() if not_run.is_file() else []
     return counts
 
 
@@ -221,14 +227,17 @@ def write_summary(folder: Path, steps: List[Step], started: datetime.datetime, t
              f"`{' '.join(sys.argv)}` in {total_s:.0f} s; torch {torch.__version__} (CUDA {torch.version.cuda}), "
              f"Python {sys.version.split()[0]}.", "", "| step | status | seconds | log |", "|---|---|---|---|"]
     lines += [f"| {s.name} | {s.status} | {s.seconds:.0f} | `{s.log}` |" for s in steps]
-    counts = junit_counts(folder / "tests.xml")
+    counts = junit_counts(folder / "tests")
     lines += ["", "## Tests", ""]
     if counts is None:
-        lines.append("No tests.xml (the tests step did not finish).")
+        lines.append("No JUnit XML in tests/ (the tests step did not finish a file).")
     else:
         lines.append(f"{counts['tests']} tests: {counts['failures']} failed, {counts['errors']} errors, "
-                     f"{counts['skipped']} skipped.")
+                     f"{counts['skipped']} skipped, {len(counts['crashed'])} crashed their process.")
+        lines += [f"- CRASHED `{test}`" for test in counts["crashed"]]
         lines += [f"- FAILED `{test}`" for test in counts["failed"][:40]]
+        if counts["not_run"]:
+            lines.append(f"- not run (time limit): {', '.join(counts['not_run'])}")
     lines += ["", "## Benchmarks", "", summary.results_markdown(folder, relative_to=folder)]
     lines += not_run_cases(folder)
     path = folder / "summary.md"
