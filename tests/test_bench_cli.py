@@ -387,3 +387,32 @@ def test_auto_variant_runs_what_no_named_kernel_backend_serves():
     (auto,) = [r for r in rows if r["impl"] == "fused-auto"]
     assert auto["backend"] == runner.AUTO and auto["kind"] == runner.FUSED and auto["passed"]
     assert vit_family_cases.VIT_FAMILY_BENCHMARKS["vitp_t2t"][1] == "T2TViT"
+
+
+def test_round_robin_timing_interleaves_the_variants_and_drops_the_failing_one():
+    """Repeat r runs every variant once, in an order rotated by r, each inside its own context; a
+    variant that raises is reported and leaves the others timed."""
+    import contextlib
+
+    from fastvit_kernels.bench.timing import measure_round_robin
+
+    calls, entered = [], []
+
+    def variant(name, fail_at=None):
+        def fn(x):
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+        return fn
+
+    def context(name):
+        return lambda: contextlib.nullcontext(entered.append(name))
+
+    variants = {n: (variant(n, 3 if n == "c" else None), context(n)) for n in "abc"}
+    timings, failed = measure_round_robin(variants, [torch.zeros(1)], torch.device("cpu"), warmup=1, repeats=3)
+    assert set(timings) == {"a", "b"} and [len(t.per_call_s) for t in timings.values()] == [3, 3]
+    assert str(failed["c"]) == "c broke"
+    # Warm-up a b c; round 0: a b c; round 1 (rotated by 1): b c a, c raising on its third call;
+    # round 2: a b (c dropped; [a, b] rotated by 2).
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "a", "b"]
+    assert entered == calls

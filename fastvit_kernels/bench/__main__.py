@@ -265,7 +265,8 @@ def _benchmark_op(op: str, device: torch.device, backend_names, left_out, settin
         "backends_left_out": left_out,
         "settings": {**settings, "rotation_bytes": ROTATION_BYTES, "seed": 0, "grad_mode": "inference_mode",
                      "timer": (f"CUDA events around batches of calls of at least {CUDA_MIN_REPEAT_S * 1e3:g} ms"
-                               if device.type == "cuda" else "time.perf_counter around each call"),
+                               if device.type == "cuda" else "time.perf_counter around each call")
+                              + "; the variants' repeats interleaved (round robin)",
                      "torch_compile": "torch.compile(eager), default mode, compile time excluded"},
         "tolerance_rule": RULE,
         "rows": rows,

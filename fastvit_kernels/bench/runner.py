@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import backends, use_backend
 from .accuracy import max_abs_error, tolerance
 from .cases import Benchmark, Case
-from .timing import Timing, measure, rotation_count
+from .timing import Timing, measure_round_robin, rotation_count
 
 EAGER = "eager"
 COMPILED = "torch.compile"
@@ -231,14 +231,19 @@ def prepare_case(benchmark: Benchmark, case: Case, dtype: torch.dtype, device: t
 
 
 def time_variants(prepared: PreparedCase, warmup: int, repeats: int) -> Dict[str, Timing]:
-    timings = {}
-    for variant in prepared.variants:
-        try:
+    """Every variant timed with their repeats interleaved (``measure_round_robin``)."""
+
+    def context_of(variant):
+        @contextlib.contextmanager
+        def context():
             with torch.inference_mode(), variant.context():
-                timings[variant.name] = measure(variant.fn, prepared.inputs, prepared.device, warmup,
-                                                repeats)
-        except Exception as e:
-            prepared.skipped[variant.name] = "timing failed: " + _reason(e)
+                yield
+        return context
+
+    timings, failed = measure_round_robin({v.name: (v.fn, context_of(v)) for v in prepared.variants},
+                                          prepared.inputs, prepared.device, warmup, repeats)
+    for name, error in failed.items():
+        prepared.skipped[name] = "timing failed: " + _reason(error)
     return timings
 
 

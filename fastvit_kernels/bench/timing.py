@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, ContextManager, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -106,4 +106,47 @@ def measure(fn: Callable, inputs: Sequence, device: torch.device, warmup: int = 
     return Timing(per_call, calls)
 
 
-__all__ = ["Timing", "measure", "rotation_count", "ROTATION_BYTES"]
+def measure_round_robin(variants: Dict[str, Tuple[Callable, Callable[[], ContextManager]]], inputs: Sequence,
+                        device: torch.device, warmup: int = 3,
+                        repeats: int = 10) -> Tuple[Dict[str, Timing], Dict[str, Exception]]:
+    """``measure`` for several variants at once, their repeats interleaved: repeat r times every
+    variant once, in an order rotated by r. A machine whose speed drifts between runs (a shared VM:
+    the same model's eager time moved 2x within minutes on the CI machine) then slows every variant
+    alike, and the ratios between them stay meaningful. ``variants`` maps a name to (fn, context
+    factory): each batch of calls runs inside a fresh ``context()``. Returns the timings and, for
+    variants that raised, the exception (those are dropped from the remaining rounds)."""
+    if not inputs:
+        raise ValueError("measure_round_robin: inputs is empty; pass at least one input tensor")
+    if repeats < 1:
+        raise ValueError(f"measure_round_robin: repeats must be >= 1, got {repeats}")
+    failed: Dict[str, Exception] = {}
+    calls, per_call = {}, {}
+    position = max(1, warmup)
+
+    def batch(name: str, start: int, n: int) -> float:
+        fn, context = variants[name]
+        with context():
+            return _time_batch(fn, inputs, start, n, device)
+
+    for name in variants:
+        try:
+            _synchronize(device)
+            warm_s = [batch(name, i, 1) for i in range(max(1, warmup))]
+        except Exception as e:  # noqa: BLE001 - reported per variant by the caller
+            failed[name] = e
+            continue
+        calls[name] = max(1, math.ceil(CUDA_MIN_REPEAT_S / max(min(warm_s), 1e-7))) if device.type == "cuda" else 1
+        per_call[name] = []
+    for r in range(repeats):
+        names = [n for n in per_call if n not in failed]
+        for name in names[r % len(names):] + names[:r % len(names)] if names else []:
+            try:
+                per_call[name].append(batch(name, position, calls[name]) / calls[name])
+            except Exception as e:  # noqa: BLE001
+                failed[name] = e
+        position += 1
+    timings = {name: Timing(times, calls[name]) for name, times in per_call.items() if name not in failed}
+    return timings, failed
+
+
+__all__ = ["Timing", "measure", "measure_round_robin", "rotation_count", "ROTATION_BYTES"]
