@@ -53,8 +53,9 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
     """``torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)``; real CPU tensors
     come from the cache (not while torch.compile traces or a fake/dispatch mode is active: those make
     their own tensors)."""
-    ext = _cache() if device.type == "cpu" else None
-    if (ext is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+    # is_compiling first: _cache() may import the extension, which dynamo cannot trace.
+    ext = _cache() if device.type == "cpu" and not torch.compiler.is_compiling() else None
+    if (ext is None or torch._C._len_torch_dispatch_stack() > 0
             or not all(type(s) is int for s in shape) or _plain_memory_wanted()):
         return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     return ext.cpu_cached_empty(list(shape), dtype, memory_format)
@@ -91,7 +92,9 @@ def set_cpu_cache_limit(limit_bytes: int) -> None:
 def into_cache(x: Tensor, *params: Optional[Tensor]) -> bool:
     """True when a module may write its output into a cached buffer: eager inference on plain CPU
     tensors of one dtype, no autocast (which would change the output dtype)."""
-    if x.device.type != "cpu" or _cache() is None or torch.is_autocast_enabled("cpu"):
+    # is_compiling first: _cache() may import the extension, which dynamo cannot trace (a graph break
+    # when the first call of a model is a compiled one).
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or _cache() is None or torch.is_autocast_enabled("cpu"):
         return False
     if any(p is not None and p.dtype != x.dtype for p in params):
         return False

@@ -181,6 +181,25 @@ def test_compiled_linear_has_no_graph_break():
         torch.testing.assert_close(fn(x), norm(lin(x)))
 
 
+def test_compile_before_the_extension_is_imported_has_no_graph_break():
+    """A model whose first call is a compiled one: the cache's check must not import the extension
+    while dynamo traces (an import is untraceable: fullgraph=True failed on EdgeNeXt)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, torch.nn as nn\n"
+            "from fastvit_kernels import memory\n"
+            "assert 'fastvit_kernels._C' not in sys.modules\n"
+            "lin = nn.Linear(24, 40)\n"
+            "fn = torch.compile(lambda t: memory.channels_last(memory.run_linear(lin, t)), backend='aot_eager',"
+            " fullgraph=True)\n"
+            "x = torch.randn(2, 5, 3, 24)\n"
+            "with torch.inference_mode():\n"
+            "    torch.testing.assert_close(fn(x), lin(x).contiguous(memory_format=torch.channels_last))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_run_module_matches_the_sequential_and_keeps_its_input():
     from fastvit_kernels.modules.patch_transformer import run_module
 
