@@ -48,7 +48,8 @@ def toolchain() -> None:
         import fastvit_kernels._C as ext
 
         ldd = subprocess.run(["ldd", ext.__file__], capture_output=True, text=True, timeout=20).stdout
-        print("extension links:", [line.strip() for line in ldd.splitlines() if "stdc++" in line or "gcc_s" in line])
+        print("extension links:", [line.strip() for line in ldd.splitlines()
+                                   if any(lib in line for lib in ("stdc++", "gcc_s", "gomp", "torch", "c10"))])
     except Exception as e:  # noqa: BLE001 - a diagnostic: report whatever went wrong
         print("extension:", type(e).__name__, e)
 
