@@ -321,6 +321,22 @@ def test_time_budget_leaves_cases_listed_as_not_run():
     assert all(s["reason"].startswith("not run: the time budget") for s in skipped)
 
 
+def test_isolate_times_each_variant_in_its_own_process(monkeypatch):
+    """--isolate: the same rows as in-process timing (every variant, checked and within tolerance),
+    measured by children; a child that fails is reported as skipped, not raised."""
+    from fastvit_kernels.bench import isolated
+
+    cpu = torch.device("cpu")
+    benchmark = REGISTRY["xca_attention"]
+    case = runner.select_cases(benchmark, True, cpu)[0]
+    prepared, timings = isolated.run_isolated(benchmark, case, "float32", cpu, ["cpu", "nonexistent"], True, 1, 2)
+    rows = runner.make_rows(prepared, timings)
+    assert {r["impl"] for r in rows} == {"eager", "torch.compile", "fused-cpu"}
+    assert all(r["passed"] and r["median_ms"] > 0 and r["repeats"] == 2 for r in rows)
+    assert prepared.compile_s and prepared.compile_s > 0
+    assert "fused-nonexistent" in prepared.skipped and "fused-nonexistent" not in timings
+
+
 def test_batch_filter_keeps_cases_of_those_batches():
     cpu = torch.device("cpu")
     cases = runner.select_cases(REGISTRY["xca_attention"], False, cpu, [8])

@@ -30,7 +30,7 @@ from typing import List, Optional
 import torch
 
 from .. import backends
-from . import environment, report, runner, summary
+from . import environment, isolated, report, runner, summary
 from .accuracy import RULE
 from .bandwidth import measure_copy_bandwidth
 from .progress import Progress
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-budget", type=_positive_int, metavar="SECONDS",
                         help="start no new case after this many seconds; the cases not run are listed in the "
                              "JSON (for runs that must fit a time slot, like the GPU runbook)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="time each variant in a fresh process of its own, as a user's process runs one "
+                             "model (on the CPU eager PyTorch's page faults depend on what the process "
+                             "allocated before); slower: every variant rebuilds the case")
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="only redraw the plot of a stored results JSON, then exit")
     parser.add_argument("--readme-table", nargs="?", type=Path, const=Path("bench/results"), metavar="DIR",
@@ -167,9 +171,11 @@ def _results_path(out: Path, op: str, device: torch.device, now: datetime.dateti
 
 
 def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, repeats: int,
-           progress: Progress, bandwidth: Optional[dict] = None, batches=None, deadline_s=None):
+           progress: Progress, bandwidth: Optional[dict] = None, batches=None, deadline_s=None,
+           isolate: bool = False):
     """Prepare, check and time every case x dtype of ``op``; returns (rows, skipped). Past
-    ``deadline_s`` (seconds of ``progress``) the remaining cases are skipped as not run."""
+    ``deadline_s`` (seconds of ``progress``) the remaining cases are skipped as not run. With
+    ``isolate`` each variant runs in a fresh process of its own (``bench.isolated``)."""
     benchmark = REGISTRY[op]
     jobs = [(case, dtype) for case in runner.select_cases(benchmark, quick, device, batches) for dtype in dtypes]
     bandwidth = bandwidth or {}
@@ -187,8 +193,12 @@ def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, rep
             continue
         progress.start_case(what)
         try:
-            prepared = runner.prepare_case(benchmark, case, runner.DTYPES[dtype], device, backend_names)
-            timings = runner.time_variants(prepared, warmup, repeats)
+            if isolate:
+                prepared, timings = isolated.run_isolated(benchmark, case, dtype, device, backend_names, quick,
+                                                          warmup, repeats)
+            else:
+                prepared = runner.prepare_case(benchmark, case, runner.DTYPES[dtype], device, backend_names)
+                timings = runner.time_variants(prepared, warmup, repeats)
         except runner.CaseSkipped as e:
             skipped.append({"op": op, "case": case.label, "dtype": dtype, "impl": "*", "reason": str(e)})
             progress.end_case(what, f"skipped: {e}")
@@ -254,7 +264,7 @@ def _benchmark_op(op: str, device: torch.device, backend_names, left_out, settin
                            settings["warmup"], settings["repeats"], progress,
                            {"measured_gbps": facts["device"]["peak_memory_gbps"],
                             "datasheet_gbps": facts["device"]["memory_bandwidth"]["datasheet_gbps"]},
-                           settings["batches"], settings["time_budget_s"])
+                           settings["batches"], settings["time_budget_s"], settings["isolate"])
     result = {
         "op": op,
         "summary": REGISTRY[op].summary,
@@ -266,7 +276,8 @@ def _benchmark_op(op: str, device: torch.device, backend_names, left_out, settin
         "settings": {**settings, "rotation_bytes": ROTATION_BYTES, "seed": 0, "grad_mode": "inference_mode",
                      "timer": (f"CUDA events around batches of calls of at least {CUDA_MIN_REPEAT_S * 1e3:g} ms"
                                if device.type == "cuda" else "time.perf_counter around each call")
-                              + "; the variants' repeats interleaved (round robin)",
+                              + ("; each variant in a fresh process (--isolate)" if settings["isolate"]
+                                 else "; the variants' repeats interleaved (round robin)"),
                      "torch_compile": "torch.compile(eager), default mode, compile time excluded"},
         "tolerance_rule": RULE,
         "rows": rows,
@@ -319,7 +330,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for op in ops:
             warmup, repeats = runner.settings_for(REGISTRY[op], args.quick, args.warmup, args.repeats)
             settings = {"quick": args.quick, "dtypes": dtypes, "warmup": warmup, "repeats": repeats,
-                        "batches": args.batch, "time_budget_s": args.time_budget}
+                        "batches": args.batch, "time_budget_s": args.time_budget, "isolate": args.isolate}
             fused_failures += _benchmark_op(op, device, backend_names, left_out, settings, args.out,
                                             not args.no_plot, argv, progress, bandwidth)
             if progress.interrupted:
