@@ -18,6 +18,17 @@ def test_dry_run_lists_every_step(capsys):
     assert "fastvit_kernels.bench.test_files" in out and "--dtype float32 float16 bfloat16" in out and "--device cuda" in out
 
 
+def test_step_groups_select_steps(capsys):
+    assert runbook.main(["--dry-run", "--steps", "setup", "tests", "ops"]) == 0
+    listed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert listed[:5] == ["nvidia-smi", "build", "info", "probes", "tests"]
+    assert all(n.startswith("bench-") and n != "bench-models" for n in listed[5:]) and len(listed) > 5
+    assert runbook.main(["--dry-run", "--steps", "models"]) == 0
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()[2:]] == ["bench-models"]
+    with pytest.raises(SystemExit):
+        runbook.main(["--dry-run", "--steps", "nonsense"])
+
+
 def test_steps_fit_the_budget():
     steps = runbook.make_steps(runbook.ROOT / "bench" / "results" / "x", build=True)
     assert sum(s.min_s for s in steps) < 540

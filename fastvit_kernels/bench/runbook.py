@@ -134,6 +134,14 @@ def make_steps(folder: Path, build: bool) -> List[Step]:
     return [s for s in steps if s is not None]
 
 
+def step_groups(steps: List[Step]) -> dict:
+    """Names for sets of steps, for --steps. A lent GPU's first call can run ``setup tests ops`` and
+    a second, right after (the machine still warm, the extension still built), ``models``."""
+    bench = [s.name for s in steps if s.name.startswith("bench-")]
+    return {"setup": ["nvidia-smi", "build", "info", "probes"], "bench": bench,
+            "ops": [n for n in bench if n != "bench-models"], "models": ["bench-models"]}
+
+
 def share_bench_time(steps: List[Step]) -> None:
     """The op benchmarks share 60% of the benchmark time equally and the models get the rest (all of
     it for whichever of the two runs alone): op i of n takes 1 / (ops left + the models' weight in
@@ -260,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-root", type=Path, default=ROOT / "bench" / "results",
                         help="the run's folder is made here (default: bench/results)")
     parser.add_argument("--steps", nargs="+", metavar="NAME",
-                        help="run only these steps (names as --dry-run lists them, or 'bench' for every "
-                             "benchmark step)")
+                        help="run only these steps: names as --dry-run lists them, or the groups setup "
+                             "(nvidia-smi, build, info, probes), tests, ops, models, bench (ops and models)")
     parser.add_argument("--archive", type=Path, metavar="FILE.tar.gz",
                         help="also pack the folder into this file after every step")
     parser.add_argument("--dry-run", action="store_true", help="list the steps and their commands; run nothing")
@@ -279,12 +287,13 @@ def main(argv=None) -> int:
     folder = args.out_root / f"{device_slug()}-{started:%Y%m%d-%H%M}"
     steps = make_steps(folder, build=args.dry_run or not extension_has_cuda())
     if args.steps:
-        known = {s.name for s in steps} | {"bench"}
-        unknown = [n for n in args.steps if n not in known]
+        groups = step_groups(steps)
+        unknown = [n for n in args.steps if n not in groups and n not in {s.name for s in steps}]
         if unknown:
             parser.error(f"argument --steps: unknown {', '.join(unknown)}; the steps are "
-                         f"{', '.join(s.name for s in steps)} (or bench)")
-        steps = [s for s in steps if s.name in args.steps or ("bench" in args.steps and s.name.startswith("bench-"))]
+                         f"{', '.join(s.name for s in steps)}, or the groups {', '.join(groups)}")
+        wanted = set(args.steps).union(*(groups.get(n, ()) for n in args.steps))
+        steps = [s for s in steps if s.name in wanted]
 
     share_bench_time(steps)
     if args.dry_run:
