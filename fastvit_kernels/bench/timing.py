@@ -1,10 +1,12 @@
-"""The timer: median of several repeats, warm-up excluded, inputs rotated so caches do not flatter.
+"""The timer: medians of several repeats, warm-up excluded, inputs rotated so caches do not flatter,
+the variants of a case interleaved so that a drifting machine slows them alike.
 
 Equivalent in spirit to::
 
-    for x in inputs[:warmup]: fn(x)                      # not timed
-    times = [time(fn(next_input())) for _ in range(repeats)]
-    median(times)
+    for name, fn in variants: [fn(x) for x in inputs[:warmup]]   # not timed
+    for r in range(repeats):                                       # round robin, order rotated by r
+        for name, fn in rotate(variants, r): times[name].append(time(fn(next_input())))
+    {name: median(t) for name, t in times.items()}
 
 On CUDA the time comes from CUDA events around a batch of back-to-back calls (launches are
 asynchronous, so a host clock would time the launch, not the kernel); on the CPU from
@@ -85,32 +87,11 @@ def _time_batch(fn: Callable, inputs: Sequence, start: int, calls: int, device: 
     return time.perf_counter() - t0
 
 
-def measure(fn: Callable, inputs: Sequence, device: torch.device, warmup: int = 3,
-            repeats: int = 10) -> Timing:
-    """Time ``fn(x)`` for ``x`` rotating through ``inputs``; the caller sets grad mode and backend."""
-    if not inputs:
-        raise ValueError("measure: inputs is empty; pass at least one input tensor")
-    if repeats < 1:
-        raise ValueError(f"measure: repeats must be >= 1, got {repeats}")
-    # Warm-up (lazy init, autotuning, allocator growth), also timed to size the batches.
-    _synchronize(device)
-    warm_s = [_time_batch(fn, inputs, i, 1, device) for i in range(max(1, warmup))]
-    calls = 1
-    if device.type == "cuda":
-        calls = max(1, math.ceil(CUDA_MIN_REPEAT_S / max(min(warm_s), 1e-7)))
-    position = max(1, warmup)
-    per_call = []
-    for _ in range(repeats):
-        per_call.append(_time_batch(fn, inputs, position, calls, device) / calls)
-        position += calls
-    return Timing(per_call, calls)
-
-
 def measure_round_robin(variants: Dict[str, Tuple[Callable, Callable[[], ContextManager]]], inputs: Sequence,
                         device: torch.device, warmup: int = 3,
                         repeats: int = 10) -> Tuple[Dict[str, Timing], Dict[str, Exception]]:
-    """``measure`` for several variants at once, their repeats interleaved: repeat r times every
-    variant once, in an order rotated by r. A machine whose speed drifts between runs (a shared VM:
+    """Time ``fn(x)`` of every variant for ``x`` rotating through ``inputs``, their repeats interleaved:
+    repeat r times every variant once, in an order rotated by r. A machine whose speed drifts between runs (a shared VM:
     the same model's eager time moved 2x within minutes on the CI machine) then slows every variant
     alike, and the ratios between them stay meaningful. ``variants`` maps a name to (fn, context
     factory): each batch of calls runs inside a fresh ``context()``. Returns the timings and, for
@@ -149,4 +130,4 @@ def measure_round_robin(variants: Dict[str, Tuple[Callable, Callable[[], Context
     return timings, failed
 
 
-__all__ = ["Timing", "measure", "measure_round_robin", "rotation_count", "ROTATION_BYTES"]
+__all__ = ["Timing", "measure_round_robin", "rotation_count", "ROTATION_BYTES"]
