@@ -14,6 +14,7 @@ Equivalent PyTorch: ``torch.empty``; ``F.linear``; ``F.layer_norm``; ``F.conv2d`
 up to a limit (1 GiB, ``set_cpu_cache_limit``) and returned to the OS by ``empty_cpu_cache()``;
 ``FASTVIT_KERNELS_CPU_CACHE=0`` turns the cache off (plain ``torch.empty`` everywhere).
 """
+
 from __future__ import annotations
 
 import os

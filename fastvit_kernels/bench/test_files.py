@@ -100,7 +100,8 @@ def run(files: List[Path], out: Path, jobs: int, extra: List[str]) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastvit_kernels.bench.test_files", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fastvit_kernels.bench.test_files",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", type=Path, help="test files (default: tests/test_*.py)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the JUnit XML and logs")
     parser.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
