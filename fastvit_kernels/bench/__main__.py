@@ -86,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-budget", type=_positive_int, metavar="SECONDS",
                         help="start no new case after this many seconds; the cases not run are listed in the "
                              "JSON (for runs that must fit a time slot, like the GPU runbook)")
-    parser.add_argument("--isolate", action="store_true",
+    parser.add_argument("--isolate", nargs="?", type=_positive_int, const=1, default=0, metavar="N",
                         help="time each variant in a fresh process of its own, as a user's process runs one "
                              "model (on the CPU eager PyTorch's page faults depend on what the process "
-                             "allocated before); slower: every variant rebuilds the case")
+                             "allocated before); slower: every variant rebuilds the case. With N > 1, N "
+                             "processes per variant taking turns (torch.compile: one), their repeats pooled")
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="only redraw the plot of a stored results JSON, then exit")
     parser.add_argument("--readme-table", nargs="?", type=Path, const=Path("bench/results"), metavar="DIR",
@@ -170,12 +171,19 @@ def _results_path(out: Path, op: str, device: torch.device, now: datetime.dateti
     return path
 
 
+def _isolation(processes: int) -> str:
+    if processes == 1:
+        return "; each variant in a fresh process (--isolate)"
+    return (f"; each variant in {processes} fresh processes taking turns, repeats pooled (torch.compile in one) "
+            f"(--isolate {processes})")
+
+
 def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, repeats: int,
            progress: Progress, bandwidth: Optional[dict] = None, batches=None, deadline_s=None,
-           isolate: bool = False):
+           isolate: int = 0):
     """Prepare, check and time every case x dtype of ``op``; returns (rows, skipped). Past
     ``deadline_s`` (seconds of ``progress``) the remaining cases are skipped as not run. With
-    ``isolate`` each variant runs in a fresh process of its own (``bench.isolated``)."""
+    ``isolate`` > 0 each variant runs in that many fresh processes of its own (``bench.isolated``)."""
     benchmark = REGISTRY[op]
     jobs = [(case, dtype) for case in runner.select_cases(benchmark, quick, device, batches) for dtype in dtypes]
     bandwidth = bandwidth or {}
@@ -195,7 +203,7 @@ def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, rep
         try:
             if isolate:
                 prepared, timings = isolated.run_isolated(benchmark, case, dtype, device, backend_names, quick,
-                                                          warmup, repeats)
+                                                          warmup, repeats, processes=isolate)
             else:
                 prepared = runner.prepare_case(benchmark, case, runner.DTYPES[dtype], device, backend_names)
                 timings = runner.time_variants(prepared, warmup, repeats)
@@ -276,7 +284,7 @@ def _benchmark_op(op: str, device: torch.device, backend_names, left_out, settin
         "settings": {**settings, "rotation_bytes": ROTATION_BYTES, "seed": 0, "grad_mode": "inference_mode",
                      "timer": (f"CUDA events around batches of calls of at least {CUDA_MIN_REPEAT_S * 1e3:g} ms"
                                if device.type == "cuda" else "time.perf_counter around each call")
-                              + ("; each variant in a fresh process (--isolate)" if settings["isolate"]
+                              + (_isolation(settings["isolate"]) if settings["isolate"]
                                  else "; the variants' repeats interleaved (round robin)"),
                      "torch_compile": "torch.compile(eager), default mode, compile time excluded"},
         "tolerance_rule": RULE,

@@ -7,6 +7,8 @@ process in 135-150 ms (EdgeNeXt-XXS, batch 8, CI machine, 2026-11-29). A user's 
 model; so does each of these. Every child builds the case as the parent would (same seeds), checks
 its variant against float64 on the first input, warms it up and times it, and prints one JSON line.
 
+``--isolate N`` repeats that N times per variant, the variants taking turns (see run_isolated).
+
     python -m fastvit_kernels.bench.isolated OP CASE_LABEL DTYPE VARIANT WARMUP REPEATS [--quick] [--device D]
 """
 
@@ -55,38 +57,61 @@ def _child(op: str, label: str, dtype: str, variant: str, warmup: int, repeats: 
 
 
 def run_isolated(benchmark, case, dtype: str, device: torch.device, backend_names: List[str], quick: bool,
-                 warmup: int, repeats: int,
-                 timeout_s: Optional[float] = None) -> Tuple[runner.PreparedCase, Dict[str, Timing]]:
+                 warmup: int, repeats: int, timeout_s: Optional[float] = None,
+                 processes: int = 1) -> Tuple[runner.PreparedCase, Dict[str, Timing]]:
     """A PreparedCase holding what the children measured (no inputs) and their timings, for
-    ``runner.make_rows``."""
+    ``runner.make_rows``.
+
+    ``processes`` > 1 times every variant but torch.compile (whose compilation takes minutes; it
+    runs once) in that many fresh processes, the variants taking turns in an order rotated each
+    round, so that a slow spell of the machine falls on all of them; a variant's timing pools the
+    repeats of all its processes."""
     prepared = runner.PreparedCase(benchmark, case, runner.DTYPES[dtype], device, [], None, math.inf)
     timings: Dict[str, Timing] = {}
-    for name in variant_names(benchmark, backend_names):
-        command = [sys.executable, "-m", __name__, benchmark.name, case.label, dtype, name, str(warmup),
-                   str(repeats), "--device", device.type] + (["--quick"] if quick else [])
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            prepared.skipped[name] = f"isolated run took over {timeout_s:.0f} s"
-            continue
-        lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-        if done.returncode != 0 or not lines:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            prepared.skipped[name] = f"isolated run failed (exit {done.returncode}): {tail[:300]}"
-            continue
-        result = json.loads(lines[-1][len(RESULT_PREFIX):])
-        prepared.tolerance = result["tolerance"]  # the same in every child: one eager run, one seed
-        if name == runner.COMPILED:
-            prepared.compile_s = result["compile_s"]
-        if "skipped" in result:
-            prepared.skipped[name] = result["skipped"]
-            continue
-        kind = runner.FUSED if name.startswith("fused-") else runner.BASELINE
-        backend = name[len("fused-"):] if kind == runner.FUSED else None
-        prepared.variants.append(runner.Variant(name, kind, None, backend))
-        prepared.errors[name] = math.inf if result["error"] is None else result["error"]
-        timings[name] = Timing(result["per_call_s"], result["calls_per_repeat"])
+    names = variant_names(benchmark, backend_names)
+    for round_index in range(processes):
+        todo = [n for n in names if n not in prepared.skipped and (round_index == 0 or n != runner.COMPILED)]
+        shift = round_index % max(1, len(todo))
+        for name in todo[shift:] + todo[:shift]:
+            result = _run_child(benchmark, case, dtype, device, name, quick, warmup, repeats, timeout_s)
+            if "tolerance" in result:
+                prepared.tolerance = result["tolerance"]  # the same in every child: one eager run, one seed
+            if name == runner.COMPILED and result.get("compile_s"):
+                prepared.compile_s = result["compile_s"]
+            if "skipped" in result:
+                prepared.skipped[name] = result["skipped"]
+                timings.pop(name, None)
+                prepared.variants = [v for v in prepared.variants if v.name != name]
+                continue
+            error = math.inf if result["error"] is None else result["error"]
+            if name in timings:
+                timings[name].per_call_s.extend(result["per_call_s"])
+                prepared.errors[name] = max(prepared.errors[name], error)
+                continue
+            kind = runner.FUSED if name.startswith("fused-") else runner.BASELINE
+            backend = name[len("fused-"):] if kind == runner.FUSED else None
+            prepared.variants.append(runner.Variant(name, kind, None, backend))
+            prepared.errors[name] = error
+            timings[name] = Timing(list(result["per_call_s"]), result["calls_per_repeat"])
+    # make_rows lists the variants in prepare_case's order, whatever order they ran in.
+    prepared.variants.sort(key=lambda v: names.index(v.name))
     return prepared, timings
+
+
+def _run_child(benchmark, case, dtype: str, device: torch.device, name: str, quick: bool, warmup: int,
+               repeats: int, timeout_s: Optional[float]) -> dict:
+    """One variant timed in a fresh process: the child's result, or ``{"skipped": reason}``."""
+    command = [sys.executable, "-m", __name__, benchmark.name, case.label, dtype, name, str(warmup),
+               str(repeats), "--device", device.type] + (["--quick"] if quick else [])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"isolated run took over {timeout_s:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"skipped": f"isolated run failed (exit {done.returncode}): {tail[:300]}"}
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
 def main(argv=None) -> int:
