@@ -341,6 +341,16 @@ def test_isolate_times_each_variant_in_its_own_process(monkeypatch):
     assert "fused-nonexistent" in prepared.skipped and "fused-nonexistent" not in timings
 
 
+def test_variant_names_are_prepare_cases_variants_in_order():
+    """--isolate and pytest-benchmark name the variants by runner.variant_names; prepare_case builds them."""
+    cpu = torch.device("cpu")
+    for op in ("xca_attention", "bias_attention"):  # bias_attention has an extra eager baseline (SDPA)
+        benchmark = REGISTRY[op]
+        prepared = runner.prepare_case(benchmark, runner.select_cases(benchmark, True, cpu)[0], torch.float32, cpu,
+                                       ["cpu", "reference"])
+        assert [v.name for v in prepared.variants] == runner.variant_names(benchmark, ["cpu", "reference"])
+
+
 def test_batch_filter_keeps_cases_of_those_batches():
     cpu = torch.device("cpu")
     cases = runner.select_cases(REGISTRY["xca_attention"], False, cpu, [8])

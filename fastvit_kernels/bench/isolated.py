@@ -30,12 +30,6 @@ from .timing import Timing
 RESULT_PREFIX = "ISOLATED-RESULT "
 
 
-def variant_names(benchmark, backend_names: List[str], use_compile: bool = True) -> List[str]:
-    """The variants prepare_case builds, in its order."""
-    return ([runner.EAGER, *benchmark.baselines] + ([runner.COMPILED] if use_compile else [])
-            + [f"fused-{b}" for b in backend_names])
-
-
 def _child(op: str, label: str, dtype: str, variant: str, warmup: int, repeats: int, quick: bool,
            device: torch.device) -> dict:
     benchmark = REGISTRY[op]
@@ -68,7 +62,7 @@ def run_isolated(benchmark, case, dtype: str, device: torch.device, backend_name
     repeats of all its processes."""
     prepared = runner.PreparedCase(benchmark, case, runner.DTYPES[dtype], device, [], None, math.inf)
     timings: Dict[str, Timing] = {}
-    names = variant_names(benchmark, backend_names)
+    names = runner.variant_names(benchmark, backend_names)
     for round_index in range(processes):
         todo = [n for n in names if n not in prepared.skipped and (round_index == 0 or n != runner.COMPILED)]
         shift = round_index % max(1, len(todo))
