@@ -50,6 +50,16 @@ def test_json_records_where_and_how_it_ran(quick_run):
     assert "reference" in result["benchmarked_backends"]
 
 
+def test_rows_record_the_machine_speed_around_their_case(quick_run):
+    rows = json.loads(quick_run[1][0].read_text())["rows"]
+    assert all(len(r["machine_gemm_gflops"]) == 2 and min(r["machine_gemm_gflops"]) > 0 for r in rows)
+    # One probe pair per case: the rows of a case share it.
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["case"], r["dtype"]), set()).add(tuple(r["machine_gemm_gflops"]))
+    assert all(len(pairs) == 1 for pairs in by_case.values())
+
+
 def test_rows_cover_the_quick_cases_and_backends(quick_run):
     result = json.loads(quick_run[1][0].read_text())
     rows = result["rows"]

@@ -30,7 +30,7 @@ from typing import List, Optional
 import torch
 
 from .. import backends
-from . import environment, isolated, report, runner, summary
+from . import environment, isolated, report, runner, summary, timing
 from .accuracy import RULE
 from .bandwidth import measure_copy_bandwidth
 from .progress import Progress
@@ -200,6 +200,7 @@ def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, rep
             progress.end_case(what, reason)
             continue
         progress.start_case(what)
+        speed_before = timing.machine_speed_gflops(device)
         try:
             if isolate:
                 prepared, timings = isolated.run_isolated(benchmark, case, dtype, device, backend_names, quick,
@@ -218,13 +219,16 @@ def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, rep
                             "reason": "not run: interrupted"})
             progress.end_case(what, "interrupted")
             continue
-        case_rows = runner.make_rows(prepared, timings, bandwidth.get("measured_gbps"),
-                                     bandwidth.get("datasheet_gbps"))
+        speed = [speed_before, timing.machine_speed_gflops(device)]
+        case_rows = [{**row, "machine_gemm_gflops": speed}
+                     for row in runner.make_rows(prepared, timings, bandwidth.get("measured_gbps"),
+                                                 bandwidth.get("datasheet_gbps"))]
         rows += case_rows
         skipped += runner.skipped_rows(prepared)
         outcome = ", ".join(f"{r['impl']} {r['median_ms']:.3f} ms" + ("" if r["passed"] else " FAIL")
                             for r in case_rows)
-        progress.end_case(what, outcome or "no variant could be timed")
+        progress.end_case(what, (outcome or "no variant could be timed")
+                          + f" (machine GEMM {speed[0]:.0f} -> {speed[1]:.0f} GFLOP/s)")
         del prepared  # the rotated inputs can be large
     return rows, skipped
 
@@ -286,7 +290,9 @@ def _benchmark_op(op: str, device: torch.device, backend_names, left_out, settin
                                if device.type == "cuda" else "time.perf_counter around each call")
                               + (_isolation(settings["isolate"]) if settings["isolate"]
                                  else "; the variants' repeats interleaved (round robin)"),
-                     "torch_compile": "torch.compile(eager), default mode, compile time excluded"},
+                     "torch_compile": "torch.compile(eager), default mode, compile time excluded",
+                     "machine_probe": (f"rows' machine_gemm_gflops: a float32 {timing.PROBE_SIZE}^3 GEMM, best of "
+                                       f"{timing.PROBE_CALLS}, before and after the case")},
         "tolerance_rule": RULE,
         "rows": rows,
         "skipped": skipped,

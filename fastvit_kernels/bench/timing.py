@@ -60,6 +60,27 @@ class Timing:
                 "repeats": len(self.per_call_s), "calls_per_repeat": self.calls_per_repeat}
 
 
+# The speed probe: a fixed float32 GEMM, 2 * 512^3 FLOP (~2 ms on 2 cores of the CI machine).
+PROBE_SIZE, PROBE_CALLS = 512, 5
+
+
+def machine_speed_gflops(device: torch.device) -> float:
+    """GFLOP/s of a fixed float32 GEMM right now (the best of a few calls). Taken before and after
+    each case: on a shared machine whose speed drifts (the CI VM's model timings moved up to 2x
+    within minutes), a drop between the two marks a case measured in a slow spell."""
+    a = torch.randn(PROBE_SIZE, PROBE_SIZE, device=device)
+    b, out = torch.randn_like(a), torch.empty_like(a)
+    torch.mm(a, b, out=out)  # warm-up: allocations, thread pool, cuBLAS handle
+    best = math.inf
+    for _ in range(PROBE_CALLS):
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * PROBE_SIZE ** 3 / best / 1e9
+
+
 def rotation_count(input_bytes: int) -> int:
     """How many distinct inputs to pre-generate so that together they span ``ROTATION_BYTES``."""
     return max(MIN_INPUTS, min(MAX_INPUTS, math.ceil(ROTATION_BYTES / max(1, input_bytes))))
