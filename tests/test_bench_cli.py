@@ -351,6 +351,31 @@ def test_isolate_times_each_variant_in_its_own_process(monkeypatch):
     assert "fused-nonexistent" in prepared.skipped and "fused-nonexistent" not in timings
 
 
+def test_isolated_child_times_before_the_float64_check(monkeypatch):
+    """The float64 forward frees large blocks (glibc then keeps its pages for the eager model timed
+    after it): an isolated child times its variant first, then checks it."""
+    from fastvit_kernels.bench import isolated
+
+    calls = []
+    real_time, real_check = runner.time_variants, runner.check_against_float64
+
+    def time_variants(prepared, *args):
+        calls.append(("time", dict(prepared.errors)))
+        return real_time(prepared, *args)
+
+    def check(prepared):
+        calls.append(("check", None))
+        real_check(prepared)
+
+    monkeypatch.setattr(runner, "time_variants", time_variants)
+    monkeypatch.setattr(runner, "check_against_float64", check)
+    case = runner.select_cases(REGISTRY["xca_attention"], True, torch.device("cpu"))[0]
+    result = isolated._child("xca_attention", case.label, "float32", "fused-cpu", 1, 2, True, torch.device("cpu"))
+    assert [name for name, _ in calls] == ["time", "check"]
+    assert calls[0][1] == {}, "errors were computed before timing"
+    assert result["error"] is not None and result["error"] <= result["tolerance"] and len(result["per_call_s"]) == 2
+
+
 def test_variant_names_are_prepare_cases_variants_in_order():
     """--isolate and pytest-benchmark name the variants by runner.variant_names; prepare_case builds them."""
     cpu = torch.device("cpu")
