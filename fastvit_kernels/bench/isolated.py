@@ -4,8 +4,10 @@ Why: on the CPU, eager PyTorch spends much of a model's time faulting in fresh p
 large freed blocks to the OS and maps them anew), and how much depends on what the process allocated
 before: a timm model timed after other variants in one process ran in 105 ms, alone in a fresh
 process in 135-150 ms (EdgeNeXt-XXS, batch 8, CI machine, 2026-11-29). A user's process runs one
-model; so does each of these. Every child builds the case as the parent would (same seeds), checks
-its variant against float64 on the first input, warms it up and times it, and prints one JSON line.
+model; so does each of these. Every child builds the case as the parent would (same seeds), runs its
+variant once on the first input, warms it up and times it, and only then checks that first output
+against float64 (the float64 forward's frees would change glibc's state for an eager variant, see
+runner.prepare_case), and prints one JSON line.
 
 ``--isolate N`` repeats that N times per variant, the variants taking turns (see run_isolated).
 
