@@ -206,8 +206,11 @@ def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, rep
                 prepared, timings = isolated.run_isolated(benchmark, case, dtype, device, backend_names, quick,
                                                           warmup, repeats, processes=isolate)
             else:
-                prepared = runner.prepare_case(benchmark, case, runner.DTYPES[dtype], device, backend_names)
+                # Checked against float64 after timing, as the isolated children do (runner.prepare_case).
+                prepared = runner.prepare_case(benchmark, case, runner.DTYPES[dtype], device, backend_names,
+                                               check=False)
                 timings = runner.time_variants(prepared, warmup, repeats)
+                runner.check_against_float64(prepared)
         except runner.CaseSkipped as e:
             skipped.append({"op": op, "case": case.label, "dtype": dtype, "impl": "*", "reason": str(e)})
             progress.end_case(what, f"skipped: {e}")
@@ -291,6 +294,8 @@ def _benchmark_op(op: str, device: torch.device, backend_names, left_out, settin
                               + (_isolation(settings["isolate"]) if settings["isolate"]
                                  else "; the variants' repeats interleaved (round robin)"),
                      "torch_compile": "torch.compile(eager), default mode, compile time excluded",
+                     "float64_check": "each variant's output on the first input, against float64 computed after "
+                                      "the timing (its frees would change glibc's state for eager variants)",
                      "machine_probe": (f"rows' machine_gemm_gflops: a float32 {timing.PROBE_SIZE}^3 GEMM, best of "
                                        f"{timing.PROBE_CALLS}, before and after the case")},
         "tolerance_rule": RULE,
