@@ -14,6 +14,11 @@
 namespace fastvit_kernels {
 
 // ---- launchers, defined in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu ------------------------------
+// The CPU inference path's fused transformer MLP (csrc/cpu/fused_mlp.cpp): a plain function, not an
+// op, because only eager CPU inference calls it (fastvit_kernels/memory.py).
+void fused_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+                   const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const c10::optional<at::Tensor>& gamma,
+                   const c10::optional<at::Tensor>& residual, int64_t act, const at::Tensor& out);
 void dwconv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        int64_t kernel_size, int64_t stride, int64_t act, const at::Tensor& out);
 #ifdef WITH_CUDA
@@ -548,4 +553,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_cache_release", &fastvit_kernels::cpu_cache_release, "Returns the idle cached blocks to the OS.");
   m.def("cpu_cache_set_limit", &fastvit_kernels::cpu_cache_set_limit, pybind11::arg("bytes"),
         "Idle blocks beyond this many bytes are freed instead of cached.");
+  m.def("fused_mlp", &fastvit_kernels::fused_mlp_cpu, pybind11::arg("x"), pybind11::arg("w1"), pybind11::arg("b1"),
+        pybind11::arg("w2"), pybind11::arg("b2"), pybind11::arg("gamma"), pybind11::arg("residual"),
+        pybind11::arg("act"), pybind11::arg("out"),
+        "out = residual + gamma * (act(x w1^T + b1) w2^T + b2), float32 CPU rows (csrc/cpu/fused_mlp.cpp).");
 }

@@ -10,7 +10,8 @@ CUDA caching allocator does on the GPU; the fused ops allocate their CPU outputs
 modules' inference path runs Linear, LayerNorm and 1x1 convs into such buffers (``out=``). README,
 "CPU memory".
 
-Equivalent PyTorch: ``torch.empty``; ``F.linear``; ``F.layer_norm``; ``F.conv2d``. Idle blocks are kept
+Equivalent PyTorch: ``torch.empty``; ``F.linear``; ``F.layer_norm``; ``F.conv2d``; ``residual + gamma *
+fc2(act(fc1(x)))`` (:func:`fused_mlp`). Idle blocks are kept
 up to a limit (1 GiB, ``set_cpu_cache_limit``) and returned to the OS by ``empty_cpu_cache()``;
 ``FASTVIT_KERNELS_CPU_CACHE=0`` turns the cache off (plain ``torch.empty`` everywhere).
 """
@@ -28,6 +29,16 @@ from torch import Tensor
 from . import backends
 
 ENV_VAR = "FASTVIT_KERNELS_CPU_CACHE"
+FUSED_MLP_ENV_VAR = "FASTVIT_KERNELS_FUSED_MLP"  # "0": never take fused_mlp (for A/B measurements)
+
+# Activations the fused MLP kernel computes, by module type, and its code for them (csrc/cpu/fused_mlp.cpp).
+FUSED_MLP_ACTIVATIONS = {nn.Identity: 0, nn.GELU: 1, nn.Hardswish: 2}
+# Where fused_mlp is taken: on the 2-core EPYC (2026-11-30, README "Fused MLP") it ran 1.2-2.1x
+# faster than addmm + GELU + addmm + scale + add at 8192-32768 rows and widths 24-100 (EdgeNeXt
+# stages 1-2 at batch 8), and 0.94-1.01x at 1568-2048 rows (widths 88-168), where MKL's GEMMs on a
+# hidden layer that stays in cache do as well. Wider layers were not measured.
+FUSED_MLP_MIN_ROWS = 4096
+FUSED_MLP_MAX_WIDTH = 128
 
 
 class CpuCacheStats(NamedTuple):
@@ -170,3 +181,44 @@ def run_layer_norm(module: nn.Module, x: Tensor) -> Tensor:
     if not plain(module, nn.LayerNorm):
         return module(x)
     return layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+
+
+def fused_mlp(x: Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module, gamma: Optional[Tensor] = None,
+              residual: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``residual + gamma * fc2(act(fc1(x)))`` (each of ``residual``, ``gamma`` when given) in one CPU
+    kernel that keeps the hidden activation in cache (csrc/cpu/fused_mlp.cpp), or None where it does not
+    apply: float32 eager inference of plain ``nn.Linear`` layers (``fc2`` back to ``x``'s width) with
+    GELU (exact), Hardswish or no activation, at least ``FUSED_MLP_MIN_ROWS`` rows of at most
+    ``FUSED_MLP_MAX_WIDTH`` channels, ``residual`` shaped as the output with contiguous channels. The
+    caller then runs the layers itself. Equivalent PyTorch::
+
+        out = residual + gamma * fc2(act(fc1(x)))
+    """
+    if x.dtype != torch.float32 or os.environ.get(FUSED_MLP_ENV_VAR, "1") == "0":
+        return None
+    code = FUSED_MLP_ACTIVATIONS.get(type(act))
+    if code is None or not plain(act, type(act)) or getattr(act, "approximate", "none") != "none":
+        return None
+    if not (plain(fc1, nn.Linear) and plain(fc2, nn.Linear)):
+        return None
+    width = x.shape[-1]
+    if fc1.in_features != width or fc2.out_features != width or fc2.in_features != fc1.out_features:
+        return None
+    if width > FUSED_MLP_MAX_WIDTH or x.numel() < FUSED_MLP_MIN_ROWS * width:
+        return None
+    if not into_cache(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, residual):
+        return None
+    if gamma is not None and gamma.shape != (width,):
+        return None
+    residual_rows = None
+    if residual is not None:
+        if residual.shape != x.shape or residual.stride(-1) != 1:
+            return None
+        try:
+            residual_rows = residual.view(-1, width)
+        except RuntimeError:  # rows that no [M, C] view can describe
+            return None
+    out = empty(x.shape, x.dtype, x.device)
+    _cache().fused_mlp(x.reshape(-1, width), fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, residual_rows,
+                       code, out.view(-1, width))
+    return out

@@ -207,8 +207,7 @@ class FusedSDTABlock(nn.Module):
             t = t.add_(pos) if can_overwrite(t) else t + pos
         t = add_residual(t, scale_(self.gamma_xca, self.xca(run_layer_norm(self.norm_xca, t))), self.drop_path,
                          self.training)
-        t = scale_(self.gamma, self.mlp(run_layer_norm(self.norm, t)))
-        return add_residual(shortcut, t.permute(0, 3, 1, 2), self.drop_path, self.training)
+        return _mlp_branch(self, run_layer_norm(self.norm, t), shortcut)
 
 
 class FusedConvBlock(nn.Module):
@@ -259,8 +258,7 @@ class FusedConvBlock(nn.Module):
             if self.shortcut_after_dw:
                 shortcut = x
             t = run_layer_norm(self.norm, _tokens(x))
-        t = scale_(self.gamma, self.mlp(t))
-        return add_residual(shortcut, t.permute(0, 3, 1, 2), self.drop_path, self.training)
+        return _mlp_branch(self, t, shortcut)
 
     def _fuses_norm(self) -> bool:
         """Whether forward runs the conv and the norm as one ``dwconv_layernorm`` (see the class)."""
@@ -268,6 +266,17 @@ class FusedConvBlock(nn.Module):
         return (not self.shortcut_after_dw and dwconv_kernel_mismatch(self.conv_dw) is None
                 and type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (self.conv_dw.out_channels,)
                 and norm.weight is not None and norm.bias is not None)
+
+
+def _mlp_branch(block: nn.Module, t: Tensor, shortcut: Tensor) -> Tensor:
+    """``shortcut + drop_path(gamma * mlp(t))`` for a block's ``[B, H, W, C]`` tokens ``t``, returned as
+    ``[B, C, H, W]``; one fused kernel in CPU float32 inference where that pays (Mlp.residual_forward)."""
+    if not block.training:
+        fused = block.mlp.residual_forward(t, block.gamma, shortcut.permute(0, 2, 3, 1))
+        if fused is not None:
+            return fused.permute(0, 3, 1, 2)
+    t = scale_(block.gamma, block.mlp(t))
+    return add_residual(shortcut, t.permute(0, 3, 1, 2), block.drop_path, block.training)
 
 
 def _share_mlp(mlp: nn.Module) -> Mlp:

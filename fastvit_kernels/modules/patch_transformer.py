@@ -147,6 +147,15 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.drop2(run_linear(self.fc2, self.drop1(activate(self.act, run_linear(self.fc1, x)))))
 
+    def residual_forward(self, x: Tensor, gamma: Optional[Tensor] = None,
+                         residual: Optional[Tensor] = None) -> Optional[Tensor]:
+        """``residual + gamma * self(x)`` in one kernel in float32 CPU inference where that pays
+        (:func:`fastvit_kernels.memory.fused_mlp`), else None: the caller runs ``self(x)``."""
+        if self.training or not all(memory.plain(d, type(d)) and type(d) in (nn.Dropout, nn.Identity)
+                                    for d in (self.drop1, self.drop2)):
+            return None
+        return memory.fused_mlp(x, self.fc1, self.act, self.fc2, gamma, residual)
+
 
 class PatchTransformerBlock(nn.Module):
     """Pre-norm transformer block on image-ordered tokens (see the module docstring).
