@@ -58,6 +58,19 @@ def test_patch_replaces_exactly_the_supported_modules():
         torch.testing.assert_close(model.forward(x), fresh.forward(x), rtol=1e-4, atol=1e-4)
 
 
+def test_patched_modules_take_the_models_mode():
+    """The replacements of an eval model are in eval mode (their inference paths check it); shared
+    submodules keep the mode they had, e.g. a BatchNorm frozen in eval inside a training model."""
+    model = model_with_every_case().eval()
+    replaced = fk.patch(model)
+    assert replaced and not any(m.training for m in model.modules())
+    model = model_with_every_case().train()
+    frozen = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][0].eval()
+    fk.patch(model)
+    kept = set(frozen.modules())  # timm's BatchNormAct2d has children (act, drop), eval with it
+    assert all(m.training != (m in kept) for m in model.modules())
+
+
 def test_patch_is_idempotent_and_returns_originals():
     model = model_with_every_case()
     first = fk.patch(model)
