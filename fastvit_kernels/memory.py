@@ -33,12 +33,12 @@ FUSED_MLP_ENV_VAR = "FASTVIT_KERNELS_FUSED_MLP"  # "0": never take fused_mlp (fo
 
 # Activations the fused MLP kernel computes, by module type, and its code for them (csrc/cpu/fused_mlp.cpp).
 FUSED_MLP_ACTIVATIONS = {nn.Identity: 0, nn.GELU: 1, nn.Hardswish: 2}
-# Where fused_mlp is taken: on the 2-core EPYC (2026-11-30, README "Fused MLP") it ran 1.2-2.1x
-# faster than addmm + GELU + addmm + scale + add at 8192-32768 rows and widths 24-100 (EdgeNeXt
-# stages 1-2 at batch 8), and 0.94-1.01x at 1568-2048 rows (widths 88-168), where MKL's GEMMs on a
-# hidden layer that stays in cache do as well. Wider layers were not measured.
-FUSED_MLP_MIN_ROWS = 4096
-FUSED_MLP_MAX_WIDTH = 128
+# Where fused_mlp is taken: on the 2-core EPYC (2026-11-30, README "CPU inference: the fused
+# transformer MLP") it ran 1.03-1.71x as fast as addmm + GELU + addmm + scale + add at 1568-32768 rows
+# of 48-288 channels (EdgeNeXt stages 1-3 at batch 8), and 0.74-0.98x at 392-512 rows (widths 256-584),
+# where each task's pass over the weights costs more than the cache-resident hidden layer saves.
+FUSED_MLP_MIN_ROWS = 1536
+FUSED_MLP_MAX_WIDTH = 320
 
 
 class CpuCacheStats(NamedTuple):

@@ -153,15 +153,17 @@ def test_not_taken_where_it_does_not_pay_or_apply(monkeypatch):
         assert mlp.residual_forward(big[:-1]) is None  # too few rows: MKL's GEMMs do as well
         assert mlp.residual_forward(big.double()) is None
         assert mlp.residual_forward(big.half()) is None
-        assert _mlp(C=136).residual_forward(torch.randn(4096, 136)) is None  # wider than measured
+        wide = memory.FUSED_MLP_MAX_WIDTH + 8
+        assert _mlp(C=wide).residual_forward(torch.randn(memory.FUSED_MLP_MIN_ROWS, wide)) is None  # unmeasured
         assert _mlp(act=nn.SiLU).residual_forward(big) is None
-        assert mlp.residual_forward(big, residual=torch.randn(4096, 48)[:, ::2]) is None  # strided channels
+        strided = torch.randn(memory.FUSED_MLP_MIN_ROWS, 48)[:, ::2]
+        assert mlp.residual_forward(big, residual=strided) is None  # channels not contiguous
         monkeypatch.setenv(memory.FUSED_MLP_ENV_VAR, "0")
         assert mlp.residual_forward(big) is None
     approximate = _mlp()
     approximate.act = nn.GELU(approximate="tanh")
     with torch.inference_mode():
-        assert approximate.residual_forward(torch.randn(4096, 24)) is None
+        assert approximate.residual_forward(big) is None
     with torch.no_grad():
         assert mlp.train().residual_forward(big) is None  # dropout / drop path are live
     mlp.eval()

@@ -94,12 +94,12 @@ FVK_INLINE float mlp_act(float v) {
   }
 }
 
-// c[r, j0 .. j0 + NV * kL) = bias[j0 ..] + sum_k a[r * lda + k] * w[k * ldw + j0 ..] for the kRows rows of
-// `a` (bias padded like w). The sum runs in blocks of kSumBlock channels, each block summed from zero
+// c[r, j0 .. j0 + NV * kL) = bias[j0 ..] + sum_k a[r * lda + k] * panel[k, 0 .. NV * kL) for the kRows rows
+// of `a`, `panel` being the packed weight's columns j0 .. j0 + NV * kL (see pack_panels). The sum runs in blocks of kSumBlock channels, each block summed from zero
 // and then added to c: blocked summation, whose rounding error grows with kSumBlock + K / kSumBlock
 // instead of K (the float32 error of a 640-channel sum was 3x eager's with one running sum).
 template <int NV>
-FVK_INLINE void tile(const float* __restrict a, int64_t lda, int64_t K, const float* __restrict w, int64_t ldw,
+FVK_INLINE void tile(const float* __restrict a, int64_t lda, int64_t K, const float* __restrict panel,
                      const float* __restrict bias, float* __restrict c, int64_t ldc, int64_t j0) {
   using V = vec_t<float>;
   for (int64_t k0 = 0; k0 < K; k0 += kSumBlock) {
@@ -108,7 +108,7 @@ FVK_INLINE void tile(const float* __restrict a, int64_t lda, int64_t K, const fl
     for (int64_t k = k0; k < k1; ++k) {
       V b[NV];
 #pragma GCC unroll 2
-      for (int n = 0; n < NV; ++n) b[n] = load_vec(w + k * ldw + j0 + n * kL);
+      for (int n = 0; n < NV; ++n) b[n] = load_vec(panel + k * NV * kL + n * kL);
 #pragma GCC unroll 6
       for (int64_t r = 0; r < kRows; ++r) {
         const float ar = a[r * lda + k];
@@ -126,24 +126,25 @@ FVK_INLINE void tile(const float* __restrict a, int64_t lda, int64_t K, const fl
   }
 }
 
-// c[rows, 0 .. ldw) = a[rows, 0 .. K) w[K, ldw] + bias for a block of whole row tiles; ldw is a multiple
-// of kL. Column strips outside, row tiles inside: a strip of w is reused by every row tile of the block.
+// c[rows, 0 .. ldw) = a[rows, 0 .. K) w[K, ldw] + bias for a block of whole row tiles, w packed by
+// pack_panels (ldw a multiple of kL). Column panels outside, row tiles inside: a panel is reused by
+// every row tile of the block while it is in L1.
 FVK_INLINE void block_product(const float* a, int64_t lda, int64_t rows, int64_t K, const float* w, int64_t ldw,
                               const float* bias, float* c, int64_t ldc) {
   int64_t j0 = 0;
   for (; j0 + kTileCols <= ldw; j0 += kTileCols)
     for (int64_t r0 = 0; r0 < rows; r0 += kRows)
-      tile<kCols>(a + r0 * lda, lda, K, w, ldw, bias, c + r0 * ldc, ldc, j0);
+      tile<kCols>(a + r0 * lda, lda, K, w + j0 * K, bias, c + r0 * ldc, ldc, j0);
   if (j0 < ldw)
-    for (int64_t r0 = 0; r0 < rows; r0 += kRows) tile<1>(a + r0 * lda, lda, K, w, ldw, bias, c + r0 * ldc, ldc, j0);
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) tile<1>(a + r0 * lda, lda, K, w + j0 * K, bias, c + r0 * ldc, ldc, j0);
 }
 
 template <int ACT>
 FVK_CPU_CLONES void mlp_block(const float* __restrict x,    // [rows, C] input rows, row stride x_m
                               int64_t x_m, int64_t rows, int64_t C, int64_t H,
-                              const float* __restrict w1t,  // [C, Hp] fc1 weight, transposed, zero-padded
+                              const float* __restrict w1t,  // fc1 weight^T [C, Hp], packed by pack_panels
                               const float* __restrict b1p,  // [Hp] fc1 bias, zero-padded
-                              const float* __restrict w2t,  // [H, Cp] fc2 weight, transposed, zero-padded
+                              const float* __restrict w2t,  // fc2 weight^T [H, Cp], packed by pack_panels
                               const float* __restrict b2p,  // [Cp] fc2 bias, zero-padded
                               const float* __restrict gamma,     // [C] layer scale or null
                               const float* __restrict residual,  // [rows, C], row stride r_m, or null
@@ -171,14 +172,24 @@ FVK_CPU_CLONES void mlp_block(const float* __restrict x,    // [rows, C] input r
   }
 }
 
-// Packs w [N, K] (an nn.Linear weight) as w^T [K, ldw], zero beyond N; bias [N] or none as [ldw].
-void pack_transposed(const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t ldw,
-                     std::vector<float>& wt, std::vector<float>& bp) {
+// Packs w [N, K] (an nn.Linear weight) transposed, as panels of kTileCols columns (the last one kL
+// wide when ldw is an odd number of vectors): columns j0 .. j0 + width of w^T stored as [K, width] from
+// offset j0 * K, zero beyond N. A tile then reads its weights sequentially (with w^T row-major, each
+// step of the sum was a new cache line, for wide layers a new page). Bias [N] or none as [ldw].
+void pack_panels(const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t ldw, std::vector<float>& wt,
+                 std::vector<float>& bp) {
   const int64_t N = w.size(0), K = w.size(1), s0 = w.stride(0), s1 = w.stride(1);
   const float* src = w.const_data_ptr<float>();
   wt.assign(K * ldw, 0.0f);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) wt[k * ldw + n] = src[n * s0 + k * s1];
+  const int64_t panels = (ldw + kTileCols - 1) / kTileCols;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t j0 = p * kTileCols, width = std::min(kTileCols, ldw - j0);
+      float* panel = wt.data() + j0 * K;
+      for (int64_t j = j0; j < std::min(j0 + width, N); ++j)
+        for (int64_t k = 0; k < K; ++k) panel[k * width + (j - j0)] = src[j * s0 + k * s1];
+    }
+  });
   bp.assign(ldw, 0.0f);
   if (bias.has_value())
     for (int64_t n = 0; n < N; ++n) bp[n] = bias->const_data_ptr<float>()[n * bias->stride(0)];
@@ -243,8 +254,8 @@ void fused_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::optiona
               "fused_mlp: act must be 0 (none), 1 (gelu) or 2 (hardswish), got ", act);
   if (M == 0 || C == 0) return;
   std::vector<float> w1t, b1p, w2t, b2p;
-  pack_transposed(w1, b1, round_up(H, kL), w1t, b1p);
-  pack_transposed(w2, b2, round_up(C, kL), w2t, b2p);
+  pack_panels(w1, b1, round_up(H, kL), w1t, b1p);
+  pack_panels(w2, b2, round_up(C, kL), w2t, b2p);
   std::vector<float> g;
   if (gamma.has_value()) {
     g.resize(C);
