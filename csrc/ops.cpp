@@ -556,5 +556,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_mlp", &fastvit_kernels::fused_mlp_cpu, pybind11::arg("x"), pybind11::arg("w1"), pybind11::arg("b1"),
         pybind11::arg("w2"), pybind11::arg("b2"), pybind11::arg("gamma"), pybind11::arg("residual"),
         pybind11::arg("act"), pybind11::arg("out"),
-        "out = residual + gamma * (act(x w1^T + b1) w2^T + b2), float32 CPU rows (csrc/cpu/fused_mlp.cpp).");
+        "out = residual + gamma * (act(x w1^T + b1) w2^T + b2), act 0 none, 1 GELU, 2 Hardswish, 3 SiLU; float32 CPU rows (csrc/cpu/fused_mlp.cpp).");
 }

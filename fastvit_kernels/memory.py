@@ -32,7 +32,7 @@ ENV_VAR = "FASTVIT_KERNELS_CPU_CACHE"
 FUSED_MLP_ENV_VAR = "FASTVIT_KERNELS_FUSED_MLP"  # "0": never take fused_mlp (for A/B measurements)
 
 # Activations the fused MLP kernel computes, by module type, and its code for them (csrc/cpu/fused_mlp.cpp).
-FUSED_MLP_ACTIVATIONS = {nn.Identity: 0, nn.GELU: 1, nn.Hardswish: 2}
+FUSED_MLP_ACTIVATIONS = {nn.Identity: 0, nn.GELU: 1, nn.Hardswish: 2, nn.SiLU: 3}
 # Where fused_mlp is taken: on the 2-core EPYC (2026-11-30, README "CPU inference: the fused
 # transformer MLP") it ran 1.03-1.71x as fast as addmm + GELU + addmm + scale + add at 1568-32768 rows
 # of 48-288 channels (EdgeNeXt stages 1-3 at batch 8), and 0.74-0.98x at 392-512 rows (widths 256-584),
@@ -188,7 +188,7 @@ def fused_mlp(x: Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module, gamma: 
     """``residual + gamma * fc2(act(fc1(x)))`` (each of ``residual``, ``gamma`` when given) in one CPU
     kernel that keeps the hidden activation in cache (csrc/cpu/fused_mlp.cpp), or None where it does not
     apply: float32 eager inference of plain ``nn.Linear`` layers (``fc2`` back to ``x``'s width) with
-    GELU (exact), Hardswish or no activation, at least ``FUSED_MLP_MIN_ROWS`` rows of at most
+    GELU (exact), SiLU, Hardswish or no activation, at least ``FUSED_MLP_MIN_ROWS`` rows of at most
     ``FUSED_MLP_MAX_WIDTH`` channels, ``residual`` shaped as the output with contiguous channels. The
     caller then runs the layers itself. Equivalent PyTorch::
 

@@ -18,7 +18,7 @@ from helpers import assert_close
 
 pytestmark = pytest.mark.skipif(backends.extension() is None, reason="the compiled extension is not built")
 
-ACTS = {0: lambda t: t, 1: F.gelu, 2: lambda t: t * (t + 3).clamp(0, 6) / 6}
+ACTS = {0: lambda t: t, 1: F.gelu, 2: lambda t: t * (t + 3).clamp(0, 6) / 6, 3: F.silu}
 
 
 def reference(x, w1, b1, w2, b2, gamma, residual, act):
@@ -32,7 +32,7 @@ def reference(x, w1, b1, w2, b2, gamma, residual, act):
 def eager(x, w1, b1, w2, b2, gamma, residual, act):
     """The same in float32 eager PyTorch: the tolerance's yardstick."""
     hidden = F.linear(x, w1, b1)
-    hidden = {0: lambda t: t, 1: F.gelu, 2: F.hardswish}[act](hidden)
+    hidden = {0: lambda t: t, 1: F.gelu, 2: F.hardswish, 3: F.silu}[act](hidden)
     y = F.linear(hidden, w2, b2)
     y = y if gamma is None else y * gamma
     return y if residual is None else y + residual
@@ -56,7 +56,7 @@ def run_kernel(x, w1, b1, w2, b2, gamma, residual, act):
 # than a partial sum's 32 channels.
 @pytest.mark.parametrize("M,C,H", [(1, 24, 96), (5, 7, 13), (24, 8, 16), (25, 48, 192), (77, 100, 400),
                                    (300, 3, 37), (130, 88, 352), (49, 17, 200)])
-@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("act", [0, 1, 2, 3])
 def test_kernel_matches_float64(M, C, H, act):
     args = make(M, C, H, seed=M + C)
     assert_close(run_kernel(*args, act), reference(*args, act), eager(*args, act), f"fused_mlp {M}x{C}x{H} act {act}")
@@ -117,7 +117,7 @@ def test_kernel_checks_its_arguments():
         ext.fused_mlp(x, w1, b1, w2, b2, gamma[:4], residual, 1, out)
     with pytest.raises(RuntimeError, match="x must be \\[M, C\\] with contiguous rows"):
         ext.fused_mlp(x.t(), w1, b1, w2, b2, gamma, residual, 1, out)
-    with pytest.raises(RuntimeError, match="act must be 0 \\(none\\), 1 \\(gelu\\) or 2 \\(hardswish\\), got 7"):
+    with pytest.raises(RuntimeError, match="act must be 0 \\(none\\), 1 \\(gelu\\), 2 \\(hardswish\\) or 3 \\(silu\\), got 7"):
         ext.fused_mlp(x, w1, b1, w2, b2, gamma, residual, 7, out)
 
 
@@ -155,7 +155,7 @@ def test_not_taken_where_it_does_not_pay_or_apply(monkeypatch):
         assert mlp.residual_forward(big.half()) is None
         wide = memory.FUSED_MLP_MAX_WIDTH + 8
         assert _mlp(C=wide).residual_forward(torch.randn(memory.FUSED_MLP_MIN_ROWS, wide)) is None  # unmeasured
-        assert _mlp(act=nn.SiLU).residual_forward(big) is None
+        assert _mlp(act=nn.ReLU).residual_forward(big) is None
         strided = torch.randn(memory.FUSED_MLP_MIN_ROWS, 48)[:, ::2]
         assert mlp.residual_forward(big, residual=strided) is None  # channels not contiguous
         monkeypatch.setenv(memory.FUSED_MLP_ENV_VAR, "0")
@@ -207,3 +207,16 @@ def test_edgenext_blocks_take_it_and_match_timm(monkeypatch, kind):
     with torch.inference_mode():
         assert_close(fused(x.contiguous()), ref64, block(x), f"{kind} block, NCHW")
     assert calls == [False]
+
+
+def test_eval_block_compiles_without_graph_breaks(monkeypatch):
+    """Under torch.compile the block runs its layers one by one (the kernel is eager-only), with no
+    graph break from the checks that decide it."""
+    monkeypatch.setattr(memory, "FUSED_MLP_MIN_ROWS", 1)
+    torch._dynamo.reset()
+    block = ConvBlock(24, kernel_size=7).eval()
+    fused = FusedConvBlock.from_module(copy.deepcopy(block)).eval()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 24, 9, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)

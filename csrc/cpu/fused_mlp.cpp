@@ -1,4 +1,4 @@
-// The transformer MLP of a block, fc1 -> activation -> fc2 -> layer scale -> residual, in one CPU
+// The transformer MLP of a block, fc1 -> activation (GELU, SiLU, Hardswish or none) -> fc2 -> layer scale -> residual, in one CPU
 // kernel for inference:
 //
 //   out[m, :] = residual[m, :] + gamma * (act(x[m, :] W1^T + b1) W2^T + b2)    (each term only when given)
@@ -31,7 +31,7 @@ namespace fastvit_kernels {
 namespace {
 
 // Values of the `act` argument (fastvit_kernels/memory.py, MLP_ACTIVATIONS).
-enum MlpAct : int { kMlpNone = 0, kMlpGelu = 1, kMlpHardswish = 2 };
+enum MlpAct : int { kMlpNone = 0, kMlpGelu = 1, kMlpHardswish = 2, kMlpSilu = 3 };
 
 constexpr int64_t kRows = 6;  // register tile: 6 rows x 2 vectors, see bias_attention.cpp
 constexpr int kCols = 2;
@@ -89,6 +89,8 @@ FVK_INLINE float mlp_act(float v) {
   } else if (ACT == kMlpHardswish) {
     const float r = v + 3.0f;  // x * relu6(x + 3) / 6, divided as torch's CPU kernel does
     return v * (r < 0.0f ? 0.0f : (r > 6.0f ? 6.0f : r)) / 6.0f;
+  } else if (ACT == kMlpSilu) {
+    return v * (1.0f / (1.0f + fast_exp(-v)));  // as dwconv_bn_act's SiLU
   } else {
     return v;
   }
@@ -250,8 +252,8 @@ void fused_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::optiona
                 "fused_mlp: residual must be [", M, ", ", C, "] with contiguous rows, got sizes ", residual->sizes(),
                 " strides ", residual->strides());
   }
-  TORCH_CHECK(act == kMlpNone || act == kMlpGelu || act == kMlpHardswish,
-              "fused_mlp: act must be 0 (none), 1 (gelu) or 2 (hardswish), got ", act);
+  TORCH_CHECK(act == kMlpNone || act == kMlpGelu || act == kMlpHardswish || act == kMlpSilu,
+              "fused_mlp: act must be 0 (none), 1 (gelu), 2 (hardswish) or 3 (silu), got ", act);
   if (M == 0 || C == 0) return;
   std::vector<float> w1t, b1p, w2t, b2p;
   pack_panels(w1, b1, round_up(H, kL), w1t, b1p);
@@ -265,6 +267,8 @@ void fused_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::optiona
   const at::Tensor xc = x.stride(0) >= C ? x : x.contiguous();
   if (act == kMlpGelu) {
     mlp_rows<kMlpGelu>(xc, H, w1t, b1p, w2t, b2p, gp, residual, out);
+  } else if (act == kMlpSilu) {
+    mlp_rows<kMlpSilu>(xc, H, w1t, b1p, w2t, b2p, gp, residual, out);
   } else if (act == kMlpHardswish) {
     mlp_rows<kMlpHardswish>(xc, H, w1t, b1p, w2t, b2p, gp, residual, out);
   } else {

@@ -216,4 +216,6 @@ class PatchTransformerBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[B, H, W, C]`` tokens in image order, H and W multiples of the patch size."""
         x = add_residual(x, self.attn(run_layer_norm(self.norm1, x)), self.drop_path, self.training)
-        return add_residual(x, self.mlp(run_layer_norm(self.norm2, x)), self.drop_path, self.training)
+        t = run_layer_norm(self.norm2, x)
+        fused = None if self.training else self.mlp.residual_forward(t, residual=x)
+        return fused if fused is not None else add_residual(x, self.mlp(t), self.drop_path, self.training)
