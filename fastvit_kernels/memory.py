@@ -34,10 +34,11 @@ FUSED_MLP_ENV_VAR = "FASTVIT_KERNELS_FUSED_MLP"  # "0": never take fused_mlp (fo
 # Activations the fused MLP kernel computes, by module type, and its code for them (csrc/cpu/fused_mlp.cpp).
 FUSED_MLP_ACTIVATIONS = {nn.Identity: 0, nn.GELU: 1, nn.Hardswish: 2, nn.SiLU: 3}
 # Where fused_mlp is taken: on the 2-core EPYC (2026-11-30, README "CPU inference: the fused
-# transformer MLP") it ran 1.03-1.71x as fast as addmm + GELU + addmm + scale + add at 1568-32768 rows
-# of 48-288 channels (EdgeNeXt stages 1-3 at batch 8), and 0.74-0.98x at 392-512 rows (widths 256-584),
-# where each task's pass over the weights costs more than the cache-resident hidden layer saves.
-FUSED_MLP_MIN_ROWS = 1536
+# transformer MLP") it ran 1.09-1.71x as fast as addmm + GELU + addmm + scale + add at 2048-32768 rows
+# of 48-288 channels (EdgeNeXt stages 1-3 at batch 8); about even at ~1550 rows (0.83-1.13x, widths
+# 128-320); 0.74-0.98x at 392-512 rows (widths 256-584), where each task's pass over the weights costs
+# more than the cache-resident hidden layer saves.
+FUSED_MLP_MIN_ROWS = 2048
 FUSED_MLP_MAX_WIDTH = 320
 
 
@@ -184,15 +185,16 @@ def run_layer_norm(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def fused_mlp(x: Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module, gamma: Optional[Tensor] = None,
-              residual: Optional[Tensor] = None) -> Optional[Tensor]:
-    """``residual + gamma * fc2(act(fc1(x)))`` (each of ``residual``, ``gamma`` when given) in one CPU
-    kernel that keeps the hidden activation in cache (csrc/cpu/fused_mlp.cpp), or None where it does not
-    apply: float32 eager inference of plain ``nn.Linear`` layers (``fc2`` back to ``x``'s width) with
+              residual: Optional[Tensor] = None, norm: Optional[nn.Module] = None) -> Optional[Tensor]:
+    """``residual + gamma * fc2(act(fc1(norm(x))))`` (each of ``residual``, ``gamma``, ``norm`` when
+    given; ``norm`` a LayerNorm over the channels) in one CPU kernel that keeps the hidden activation in
+    cache (csrc/cpu/fused_mlp.cpp) after the LayerNorm, or None where it does not apply (checked before
+    anything runs): float32 eager inference of plain ``nn.Linear`` layers (``fc2`` back to ``x``'s width) with
     GELU (exact), SiLU, Hardswish or no activation, at least ``FUSED_MLP_MIN_ROWS`` rows of at most
     ``FUSED_MLP_MAX_WIDTH`` channels, ``residual`` shaped as the output with contiguous channels. The
     caller then runs the layers itself. Equivalent PyTorch::
 
-        out = residual + gamma * fc2(act(fc1(x)))
+        out = residual + gamma * fc2(act(fc1(norm(x))))
     """
     if x.dtype != torch.float32 or os.environ.get(FUSED_MLP_ENV_VAR, "1") == "0":
         return None
@@ -206,7 +208,10 @@ def fused_mlp(x: Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module, gamma: 
         return None
     if width > FUSED_MLP_MAX_WIDTH or x.numel() < FUSED_MLP_MIN_ROWS * width:
         return None
-    if not into_cache(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, residual):
+    if norm is not None and not (plain(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (width,)):
+        return None
+    norm_params = (norm.weight, norm.bias) if norm is not None else ()
+    if not into_cache(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, residual, *norm_params):
         return None
     if gamma is not None and gamma.shape != (width,):
         return None
@@ -218,6 +223,8 @@ def fused_mlp(x: Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module, gamma: 
             residual_rows = residual.view(-1, width)
         except RuntimeError:  # rows that no [M, C] view can describe
             return None
+    if norm is not None:
+        x = run_layer_norm(norm, x)
     out = empty(x.shape, x.dtype, x.device)
     _cache().fused_mlp(x.reshape(-1, width), fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, residual_rows,
                        code, out.view(-1, width))

@@ -174,8 +174,8 @@ def _spy_kernel(monkeypatch):
     calls = []
     real = memory.fused_mlp
 
-    def spy(x, *args):
-        out = real(x, *args)
+    def spy(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
         calls.append(out is not None)
         return out
 
@@ -220,3 +220,25 @@ def test_eval_block_compiles_without_graph_breaks(monkeypatch):
     x = torch.randn(2, 24, 9, 7).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)
+
+
+def test_vit_family_feed_forward_takes_it_and_matches_vit_pytorch(monkeypatch):
+    """The ViT family's FeedForward (LayerNorm, Linear, GELU, Dropout, Linear, Dropout) with its
+    residual runs as LayerNorm + the kernel and still matches vit-pytorch's ViT (float64 reference)."""
+    from vit_pytorch.vit import ViT as TheirViT
+
+    from fastvit_kernels.models.vit_family import ViT
+
+    monkeypatch.setattr(memory, "FUSED_MLP_MIN_ROWS", 1)
+    calls = _spy_kernel(monkeypatch)
+    kwargs = dict(image_size=32, patch_size=8, num_classes=10, dim=48, depth=2, heads=3, mlp_dim=96)
+    torch.manual_seed(0)
+    theirs = TheirViT(**kwargs).eval()
+    ours = ViT(**kwargs).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        out = ours(x)
+        ref64 = copy.deepcopy(theirs).double()(x.double())
+        assert_close(out, ref64, theirs(x), "ViT, fused feed-forward")
+    assert calls == [True, True]

@@ -6,13 +6,14 @@ build on :class:`Attention`, :class:`FeedForward` and :class:`Transformer` here.
 
 from __future__ import annotations
 
-from typing import Callable, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ... import memory
 from ...memory import run_layer_norm, run_linear
 from ...modules.patch_transformer import can_overwrite, run_module
 from ...ops.patch_attention import attention, patch_attention
@@ -59,6 +60,16 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return run_module(self.net, x)
 
+    def residual_forward(self, x: Tensor) -> Optional[Tensor]:
+        """``self(x) + x`` as one LayerNorm and one fused-MLP kernel in float32 CPU inference where that
+        pays (:func:`fastvit_kernels.memory.fused_mlp`), else None: the caller runs ``self(x) + x``."""
+        if self.training or not memory.plain(self.net, nn.Sequential) or len(self.net) != 6:
+            return None
+        norm, fc1, act, drop1, fc2, drop2 = self.net
+        if not all(memory.plain(d, type(d)) and type(d) in (nn.Dropout, nn.Identity) for d in (drop1, drop2)):
+            return None
+        return memory.fused_mlp(x, fc1, act, fc2, residual=x, norm=norm)
+
 
 class Attention(nn.Module):
     """vit-pytorch's ``Attention`` (keys ``norm``, ``to_qkv``, ``to_out.0``) on ``patch_attention``."""
@@ -92,7 +103,8 @@ def run_layer_pairs(layers, x: Tensor, training: bool, attn_residual: bool = Tru
     for attn, ff in layers:
         branch = attn(x, **attn_kwargs)
         x = _add_to_branch(branch, x, training) if attn_residual else branch
-        x = _add_to_branch(ff(x), x, training)
+        fused = None if training or not hasattr(ff, "residual_forward") else ff.residual_forward(x)
+        x = fused if fused is not None else _add_to_branch(ff(x), x, training)
     return x
 
 
