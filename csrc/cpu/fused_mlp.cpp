@@ -1,5 +1,5 @@
-// The transformer MLP of a block, fc1 -> activation (GELU, SiLU, Hardswish or none) -> fc2 -> layer scale -> residual, in one CPU
-// kernel for inference:
+// The transformer MLP of a block, fc1 -> activation (GELU, SiLU, Hardswish or none) -> fc2 -> layer
+// scale -> residual, in one CPU kernel for inference:
 //
 //   out[m, :] = residual[m, :] + gamma * (act(x[m, :] W1^T + b1) W2^T + b2)    (each term only when given)
 //
@@ -10,11 +10,11 @@
 // and out written once. Both products run in register tiles of kRows rows x kCols vectors of output
 // columns (the AVX2 GEMM micro-kernel shape bias_attention.cpp uses): per reduction step, kCols
 // vector loads of the packed weight and kRows broadcasts feed kRows * kCols multiply-adds. MKL's
-// GEMMs reach 70-90 GFLOP/s on EdgeNeXt's narrow stage-1/2 shapes (K or N = 24-96, M = 8k-33k) on
-// the 2-core EPYC this was written on; these tiles are bound by the FMA units instead.
+// GEMMs reach 50-98 GFLOP/s on EdgeNeXt's shapes (K or N = 24-288, M = 2k-33k) on the 2-core EPYC
+// this was written on, these tiles 116-140.
 //
-// float32 only; rows of x, residual and out contiguous in channels. Sums over channels run in
-// ascending order from zero, in float32, as a GEMM's do (not bit-identical to MKL's blocking).
+// float32 only; rows of x, residual and out contiguous in channels. Sums over channels run in float32
+// in blocks of kSumBlock (see tile): not bit-identical to MKL's blocking.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -30,38 +30,22 @@
 namespace fastvit_kernels {
 namespace {
 
-// Values of the `act` argument (fastvit_kernels/memory.py, MLP_ACTIVATIONS).
+// Values of the `act` argument (fastvit_kernels/memory.py, FUSED_MLP_ACTIVATIONS).
 enum MlpAct : int { kMlpNone = 0, kMlpGelu = 1, kMlpHardswish = 2, kMlpSilu = 3 };
 
 constexpr int64_t kRows = 6;  // register tile: 6 rows x 2 vectors, see bias_attention.cpp
 constexpr int kCols = 2;
 constexpr int64_t kL = kLanes<float>;
-constexpr int64_t kTileCols = kCols * kL;  // 16: packed widths are padded to a multiple of this
-// Rows per task: the hidden block [kBlockRows, H] (H = 4 * 304 for EdgeNeXt-S stage 4: 117 KB) stays
-// in L2, and each kTileCols-wide strip of a packed weight is reused by kBlockRows / kRows row tiles
-// while it is in L1.
+constexpr int64_t kTileCols = kCols * kL;  // 16: the packed weights' panel width (pack_panels)
+// Rows per task: the hidden block [kBlockRows, H] (at most 4 * 320 wide where memory.fused_mlp calls
+// this: 123 KB) stays in L2, and each panel of a packed weight is reused by kBlockRows / kRows row
+// tiles while it is in L1.
 constexpr int64_t kBlockRows = 24;
 static_assert(kBlockRows % kRows == 0, "a block is whole tiles");
 // Channels per partial sum (see tile).
 constexpr int64_t kSumBlock = 32;
 
 #define FVK_INLINE inline __attribute__((always_inline))
-
-// e^x for x in [-87, 88] (callers bound x): fast_exp's polynomial without its clamps.
-FVK_INLINE float exp_in_range(float x) {
-  const float shifter = 12582912.0f;
-  const float t = x * 1.44269504088896341f + shifter;
-  const float n = t - shifter;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * int_as_float((float_as_int(t) - float_as_int(shifter) + 127) << 23);
-}
 
 // GELU, exact (erf) form: 0.5 x (1 + erf(x / sqrt 2)), branch-free so the loops over it vectorize.
 // erfc(z), z >= 0, by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7); for x < 0 the result is
@@ -78,7 +62,7 @@ FVK_INLINE float gelu_erf(float x) {
   // denormal float, and each denormal result costs this CPU a microcode assist (an epilogue that let
   // them through ran at half speed).
   const float zz = z * z;
-  const float half_erfc = 0.5f * p * t * exp_in_range(-(zz < 80.0f ? zz : 80.0f));  // in [0, 0.5]
+  const float half_erfc = 0.5f * p * t * fast_exp_in_range(-(zz < 80.0f ? zz : 80.0f));  // in [0, 0.5]
   return x * (x < 0.0f ? half_erfc : 1.0f - half_erfc);
 }
 
