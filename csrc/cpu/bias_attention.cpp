@@ -63,17 +63,7 @@ FVK_INLINE void score_block(const acc_t* __restrict q, const acc_t* __restrict k
   using V = vec_t<acc_t>;
   constexpr int64_t L = kLanes<acc_t>;
   V c[kRows][NV] = {};
-  for (int64_t e = 0; e < dk; ++e) {
-    V k[NV];
-#pragma GCC unroll 2
-    for (int n = 0; n < NV; ++n) k[n] = load_vec(kt + e * Np + j0 + n * L);
-#pragma GCC unroll 6
-    for (int64_t r = 0; r < kRows; ++r) {
-      const acc_t qe = q[r * dk + e];
-#pragma GCC unroll 2
-      for (int n = 0; n < NV; ++n) c[r][n] += qe * k[n];
-    }
-  }
+  tile_accumulate<kRows, NV>(c, q, dk, kt + j0, Np, 0, dk);
 #pragma GCC unroll 6
   for (int64_t r = 0; r < kRows; ++r)
 #pragma GCC unroll 2
@@ -90,17 +80,7 @@ FVK_INLINE void value_block(const acc_t* __restrict s, const acc_t* __restrict v
   using V = vec_t<acc_t>;
   constexpr int64_t L = kLanes<acc_t>;
   V c[kRows][NV] = {};
-  for (int64_t j = 0; j < Np; ++j) {
-    V vv[NV];
-#pragma GCC unroll 2
-    for (int n = 0; n < NV; ++n) vv[n] = load_vec(v + j * dvp + e0 + n * L);
-#pragma GCC unroll 6
-    for (int64_t r = 0; r < kRows; ++r) {
-      const acc_t p = s[r * Np + j];
-#pragma GCC unroll 2
-      for (int n = 0; n < NV; ++n) c[r][n] += p * vv[n];
-    }
-  }
+  tile_accumulate<kRows, NV>(c, s, Np, v + e0, dvp, 0, Np);
 #pragma GCC unroll 6
   for (int64_t r = 0; r < kRows; ++r)
 #pragma GCC unroll 2

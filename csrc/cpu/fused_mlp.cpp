@@ -8,8 +8,8 @@
 // activation, 4x the block's width, goes through memory twice. Here a task takes a block of kBlockRows
 // rows and keeps its hidden activations in a [kBlockRows, H] buffer that stays in L1/L2: x is read once
 // and out written once. Both products run in register tiles of kRows rows x kCols vectors of output
-// columns (the AVX2 GEMM micro-kernel shape bias_attention.cpp uses): per reduction step, kCols
-// vector loads of the packed weight and kRows broadcasts feed kRows * kCols multiply-adds. MKL's
+// columns (simd.h's tile_accumulate, as in bias_attention.cpp): per reduction step, kCols vector loads
+// of the packed weight and kRows broadcasts feed kRows * kCols multiply-adds. MKL's
 // GEMMs reach 50-98 GFLOP/s on EdgeNeXt's shapes (K or N = 24-288, M = 2k-33k) on the 2-core EPYC
 // this was written on, these tiles 116-140.
 //
@@ -33,7 +33,7 @@ namespace {
 // Values of the `act` argument (fastvit_kernels/memory.py, FUSED_MLP_ACTIVATIONS).
 enum MlpAct : int { kMlpNone = 0, kMlpGelu = 1, kMlpHardswish = 2, kMlpSilu = 3 };
 
-constexpr int64_t kRows = 6;  // register tile: 6 rows x 2 vectors, see bias_attention.cpp
+constexpr int kRows = 6;  // register tile: 6 rows x 2 vectors (tile_accumulate, simd.h)
 constexpr int kCols = 2;
 constexpr int64_t kL = kLanes<float>;
 constexpr int64_t kTileCols = kCols * kL;  // 16: the packed weights' panel width (pack_panels)
@@ -91,17 +91,7 @@ FVK_INLINE void tile(const float* __restrict a, int64_t lda, int64_t K, const fl
   for (int64_t k0 = 0; k0 < K; k0 += kSumBlock) {
     const int64_t k1 = std::min(K, k0 + kSumBlock);
     V acc[kRows][NV] = {};
-    for (int64_t k = k0; k < k1; ++k) {
-      V b[NV];
-#pragma GCC unroll 2
-      for (int n = 0; n < NV; ++n) b[n] = load_vec(panel + k * NV * kL + n * kL);
-#pragma GCC unroll 6
-      for (int64_t r = 0; r < kRows; ++r) {
-        const float ar = a[r * lda + k];
-#pragma GCC unroll 2
-        for (int n = 0; n < NV; ++n) acc[r][n] += ar * b[n];
-      }
-    }
+    tile_accumulate<kRows, NV>(acc, a, lda, panel, NV * kL, k0, k1);
 #pragma GCC unroll 6
     for (int64_t r = 0; r < kRows; ++r)
 #pragma GCC unroll 2

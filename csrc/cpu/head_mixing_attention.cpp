@@ -55,17 +55,7 @@ FVK_INLINE void score_block(const acc_t* __restrict__ q, int64_t q_ld,  // q[r *
   using V = vec_t<acc_t>;
   constexpr int64_t L = kLanes<acc_t>;
   V c[kRows][NV] = {};
-  for (int64_t e = 0; e < d; ++e) {
-    V k[NV];
-#pragma GCC unroll 2
-    for (int n = 0; n < NV; ++n) k[n] = load_vec(kt + e * Np + j0 + n * L);
-#pragma GCC unroll 4
-    for (int64_t r = 0; r < kRows; ++r) {
-      const acc_t qe = q[r * q_ld + e];
-#pragma GCC unroll 2
-      for (int n = 0; n < NV; ++n) c[r][n] += qe * k[n];
-    }
-  }
+  tile_accumulate<kRows, NV>(c, q, q_ld, kt + j0, Np, 0, d);
 #pragma GCC unroll 4
   for (int64_t r = 0; r < kRows; ++r)
 #pragma GCC unroll 2

@@ -44,4 +44,29 @@ inline void store_vec(acc_t* p, vec_t<acc_t> v) {
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// The register tile of the CPU kernels' small matrix products:
+//   acc[r][n] += sum_{k0 <= k < k1} a[r * lda + k] * b[k * ldb + n * lanes .. + lanes)
+// for ROWS rows of `a` and NV vectors of `b`'s columns, k ascending. Each step loads NV vectors of b
+// and broadcasts ROWS scalars of a into ROWS * NV multiply-adds: the shape of the usual AVX2 GEMM
+// micro-kernel (6 x 2 accumulators + 2 loads + 1 broadcast fill 15 of the 16 vector registers), bound
+// by the FMA units rather than the load ports. Always inlined, so it takes its caller's target (AVX2
+// in the FVK_CPU_CLONES x86-64-v3 clone); the loops over ROWS and NV unroll completely.
+template <int ROWS, int NV, typename acc_t>
+inline __attribute__((always_inline)) void tile_accumulate(vec_t<acc_t> (&acc)[ROWS][NV], const acc_t* __restrict a,
+                                                           int64_t lda, const acc_t* __restrict b, int64_t ldb,
+                                                           int64_t k0, int64_t k1) {
+  constexpr int64_t L = kLanes<acc_t>;
+  for (int64_t k = k0; k < k1; ++k) {
+    vec_t<acc_t> bk[NV];
+#pragma GCC unroll 4
+    for (int n = 0; n < NV; ++n) bk[n] = load_vec(b + k * ldb + n * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      const acc_t ar = a[r * lda + k];
+#pragma GCC unroll 4
+      for (int n = 0; n < NV; ++n) acc[r][n] += ar * bk[n];
+    }
+  }
+}
+
 }  // namespace fastvit_kernels

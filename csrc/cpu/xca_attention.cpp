@@ -108,17 +108,7 @@ FVK_CPU_CLONES void value_tile(const acc_t* __restrict v,   // &v[0][0] of the h
   using V = vec_t<acc_t>;
   constexpr int64_t L = kLanes<acc_t>;
   V c[kRows][NV] = {};
-  for (int64_t j = 0; j < d; ++j) {
-    V a[NV];
-#pragma GCC unroll 3
-    for (int w = 0; w < NV; ++w) a[w] = load_vec(at + j * dp + i0 + w * L);
-#pragma GCC unroll 4
-    for (int64_t r = 0; r < kRows; ++r) {
-      const acc_t vs = v[r * ldv + j];
-#pragma GCC unroll 3
-      for (int w = 0; w < NV; ++w) c[r][w] += vs * a[w];
-    }
-  }
+  tile_accumulate<kRows, NV>(c, v, ldv, at + i0, dp, 0, d);
 #pragma GCC unroll 4
   for (int64_t r = 0; r < kRows; ++r)
 #pragma GCC unroll 3

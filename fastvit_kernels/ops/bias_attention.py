@@ -176,7 +176,7 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, grad_y: Te
     """Gradients of q, k, v and of the scores given the gradient of ``y = act(O)``, written out:
 
     S = scale q k^T + bias, P = softmax(S), O = P V, y = act(O); dO = act'(O) dy, dV = P^T dO,
-    dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q.
+    dP = dO V^T, dS = P * (dP - rowsum(P * dP)), dQ = scale dS K, dK = scale dS^T Q.
     The bias table's gradient is dS summed into the table entry each score read (see _backward).
     """
     probs, out = attention_forward(q, k, v, bias, scale)
@@ -187,7 +187,10 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, grad_y: Te
         grad_o = grad_y * torch.where(out < -3, 0.0, torch.where(out <= 3, out / 3 + 0.5, 1.0))
     grad_v = probs.transpose(-1, -2) @ grad_o
     grad_probs = grad_o @ v.transpose(-1, -2)
-    grad_scores = probs * (grad_probs - (grad_o * out).sum(dim=-1, keepdim=True))
+    # rowsum(P * dP), not the equal rowsum(dO * O), as eager's softmax backward: where a row has one
+    # key (P = 1) the sum is dP itself and dS is exactly 0; rowsum(dO * O) sums dO . v in another
+    # order than the matmul that made dP, and the bias-table gradient came out 2e-6 off.
+    grad_scores = probs * (grad_probs - (probs * grad_probs).sum(dim=-1, keepdim=True))
     grad_q = scale * (grad_scores @ k)
     grad_k = scale * (grad_scores.transpose(-1, -2) @ q)
     return grad_q, grad_k, grad_v, grad_scores

@@ -149,12 +149,13 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, scale:
     """Gradients of q, k, v (``[S, heads, N, d]``) given the output's gradient, written out:
 
     S = scale q k^T, P = softmax(S), O = P V; dV = P^T dO, dP = dO V^T,
-    dS = P * (dP - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q.
+    dS = P * (dP - rowsum(P * dP)), dQ = scale dS K, dK = scale dS^T Q.
     """
     probs, out = attention_forward(q, k, v, scale)
     grad_v = probs.transpose(-1, -2) @ grad_out
     grad_probs = grad_out @ v.transpose(-1, -2)
-    grad_scores = probs * (grad_probs - (grad_out * out).sum(dim=-1, keepdim=True))
+    # rowsum(P * dP), as eager's softmax backward (see bias_attention.attention_backward).
+    grad_scores = probs * (grad_probs - (probs * grad_probs).sum(dim=-1, keepdim=True))
     grad_q = scale * (grad_scores @ k)
     grad_k = scale * (grad_scores.transpose(-1, -2) @ q)
     return grad_q, grad_k, grad_v
