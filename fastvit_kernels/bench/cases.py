@@ -481,6 +481,76 @@ register(Benchmark(
 
 
 # --------------------------------------------------------------------------------------------------
+# fused_mlp: the end of an EdgeNeXt block, x + gamma * fc2(GELU(fc1(x))), on [B, H, W, C] tokens. Eager
+# is timm's Mlp with the block's layer scale and residual; ours, the blocks' CPU inference path
+# (Mlp.residual_forward: one kernel where memory.fused_mlp takes it, the layers one by one elsewhere).
+# --------------------------------------------------------------------------------------------------
+
+# (name, H, W, C): EdgeNeXt's stages at 256x256, the last under the kernel's row threshold at batch 8.
+FUSED_MLP_SHAPES = (("EdgeNeXt-S s3", 16, 16, 160), ("EdgeNeXt-XXS s1", 64, 64, 24), ("EdgeNeXt-S s1", 64, 64, 48),
+                    ("EdgeNeXt-S s2", 32, 32, 96), ("EdgeNeXt-B s3", 16, 16, 288), ("EdgeNeXt-S s4", 8, 8, 304))
+FUSED_MLP_BATCHES = {"cpu": (8,), "cuda": (8,)}
+
+
+def _fused_mlp_cases(quick: bool, device: Optional[torch.device] = None) -> List[Case]:
+    cases = [Case("fused_mlp", f"{name} {batch}x{h}x{w}x{c}", {"batch": batch, "height": h, "width": w, "channels": c})
+             for batch in _batches(FUSED_MLP_BATCHES, device) for name, h, w, c in FUSED_MLP_SHAPES]
+    return cases[:1] if quick else cases
+
+
+class EagerMlpBlock(nn.Module):
+    """How timm's EdgeNeXt blocks end: ``x + gamma * Mlp(x)`` (GELU, hidden 4x), on ``[B, H, W, C]``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        from timm.layers import Mlp
+
+        self.mlp = Mlp(dim, 4 * dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.gamma * self.mlp(x)
+
+
+class FusedMlpBlock(nn.Module):
+    """Ours, sharing the eager block's parameters: the EdgeNeXt blocks' inference path."""
+
+    def __init__(self, module: EagerMlpBlock):
+        super().__init__()
+        from fastvit_kernels.modules.edgenext import _share_mlp
+
+        self.mlp, self.gamma = _share_mlp(module.mlp), module.gamma
+
+    def forward(self, x: Tensor) -> Tensor:
+        from fastvit_kernels.modules.patch_transformer import add_residual, scale_
+
+        fused = self.mlp.residual_forward(x, self.gamma, x)
+        return fused if fused is not None else add_residual(x, scale_(self.gamma, self.mlp(x)), 0.0, self.training)
+
+
+def _fused_mlp_elements(case: Case) -> int:
+    p = case.params
+    return p["batch"] * p["height"] * p["width"] * p["channels"]
+
+
+register(Benchmark(
+    name="fused_mlp",
+    summary="EdgeNeXt block MLP + layer scale + residual on [B, H, W, C] tokens (hidden 4C, GELU); eager = "
+            "timm's Mlp, gamma and the add",
+    cases=_fused_mlp_cases,
+    build_module=lambda case: EagerMlpBlock(case.params["channels"]).eval(),
+    make_input=lambda case, dtype, device: torch.randn(
+        case.params["batch"], case.params["height"], case.params["width"], case.params["channels"],
+        device=device).to(dtype),
+    fuse=lambda module: FusedMlpBlock(module).eval(),
+    # x read once, out written once, both weights read once
+    min_bytes=lambda case, itemsize: (2 * _fused_mlp_elements(case) + 8 * case.params["channels"] ** 2) * itemsize,
+    flops=lambda case: 16 * _fused_mlp_elements(case) * case.params["channels"],  # 2 GEMMs, C x 4C each
+    in_quick_run=False,
+))
+
+
+# --------------------------------------------------------------------------------------------------
 # Whole models: timm's model (eager) against ``fastvit_kernels.models.create_model`` of the same name
 # with the same weights. A new model is one more row of MODEL_BENCHMARKS.
 # --------------------------------------------------------------------------------------------------
