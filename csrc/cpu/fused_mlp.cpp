@@ -80,10 +80,11 @@ FVK_INLINE float mlp_act(float v) {
   }
 }
 
-// c[r, j0 .. j0 + NV * kL) = bias[j0 ..] + sum_k a[r * lda + k] * panel[k, 0 .. NV * kL) for the kRows rows
-// of `a`, `panel` being the packed weight's columns j0 .. j0 + NV * kL (see pack_panels). The sum runs in blocks of kSumBlock channels, each block summed from zero
-// and then added to c: blocked summation, whose rounding error grows with kSumBlock + K / kSumBlock
-// instead of K (the float32 error of a 640-channel sum was 3x eager's with one running sum).
+// c[r, j0 .. j0 + NV * kL) = bias[j0 ..] + sum_k a[r * lda + k] * panel[k, 0 .. NV * kL) for the kRows
+// rows of `a`, `panel` being the packed weight's columns j0 .. j0 + NV * kL (see pack_panels). The sum
+// runs in blocks of kSumBlock channels, each block summed from zero and then added to c: blocked
+// summation, whose rounding error grows with kSumBlock + K / kSumBlock instead of K (the float32 error
+// of a 640-channel sum was 3x eager's with one running sum).
 template <int NV>
 FVK_INLINE void tile(const float* __restrict a, int64_t lda, int64_t K, const float* __restrict panel,
                      const float* __restrict bias, float* __restrict c, int64_t ldc, int64_t j0) {
