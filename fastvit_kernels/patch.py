@@ -67,23 +67,12 @@ def patch(model: nn.Module) -> Dict[str, nn.Module]:
             fused = _convert(child)
             if fused is None:
                 walk(child, qualified + ".")
-            else:
-                _take_mode(fused, child)
+            else:  # in the child's train/eval mode (the builders' take_mode)
                 setattr(parent, name, fused)
                 replaced[qualified] = child
 
     walk(model, "")
     return replaced
-
-
-def _take_mode(fused: nn.Module, original: nn.Module) -> None:
-    """from_module builds its new modules in training mode (nn.Module's default): they take the
-    original's mode, or an eval model would run its fused blocks' training paths. The submodules it
-    shares with the original keep theirs (e.g. a BatchNorm frozen in eval inside a training model)."""
-    shared = {id(m) for m in original.modules()}
-    for m in fused.modules():
-        if id(m) not in shared:
-            m.training = original.training
 
 
 def _convert(module: nn.Module):

@@ -2,11 +2,15 @@
 
 import copy
 
+import pytest
+import timm
 import torch
 import torch.nn as nn
 from timm.layers import ConvNormAct, create_conv2d
 
 import fastvit_kernels as fk
+from fastvit_kernels.modules.conv_bn_act import Unsupported
+from fastvit_kernels.patch import REPLACEMENTS
 from helpers import DEVICE, make_input
 from test_conv_bn_act_module import randomize_bn
 
@@ -69,6 +73,27 @@ def test_patched_modules_take_the_models_mode():
     fk.patch(model)
     kept = set(frozen.modules())  # timm's BatchNormAct2d has children (act, drop), eval with it
     assert all(m.training != (m in kept) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["edgenext_xx_small", "levit_128s", "mobilevit_xxs", "xcit_nano_12_p16_224"])
+@pytest.mark.parametrize("training", [False, True])
+def test_every_builder_gives_its_modules_the_sources_mode(name, training):
+    """from_module (and share_norm_layer) called directly, not through patch(): what a builder
+    creates is in the source's mode, what it shares keeps its own."""
+    model = timm.create_model(name, pretrained=False).train(training)
+    built = 0
+    for module in model.modules():
+        for matches, convert in REPLACEMENTS:
+            if matches(module):
+                try:
+                    fused = convert(module)
+                except Unsupported:
+                    break
+                shared = set(module.modules())
+                assert all(m.training == training for m in fused.modules() if m not in shared), type(fused)
+                built += 1
+                break
+    assert built > 0
 
 
 def test_patch_is_idempotent_and_returns_originals():

@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import memory
 from ..ops.dwconv_bn_act import ACTIVATIONS, KERNEL_SIZES, STRIDES, dwconv_bn_act
+from .sharing import take_mode
 
 _ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "none", type(None): "none"}
 _ACT_FUNCTIONS = {"silu": F.silu, "relu": F.relu, "none": lambda t: t}
@@ -202,7 +203,7 @@ class FusedConvBNAct(_FoldCacheMixin, nn.Module):
         if isinstance(module, nn.Sequential):
             if len(module) not in (2, 3):
                 raise Unsupported(f"nn.Sequential of {len(module)} modules; supported: (conv, bn[, act])")
-            return FusedConvBNActSequential(*module)
+            return take_mode(FusedConvBNActSequential(*module), module)
         aa = getattr(module, "aa", None)
         if aa is not None and not isinstance(aa, nn.Identity):
             raise Unsupported(f"anti-aliasing layer {type(aa).__name__} is not supported")
@@ -213,7 +214,7 @@ class FusedConvBNAct(_FoldCacheMixin, nn.Module):
         fused.conv, fused.bn = conv, bn
         fused.act = activation_name(getattr(bn, "act", None))
         fused._fold = BatchNormFold()
-        return fused
+        return take_mode(fused, module)
 
     def forward(self, x: Tensor) -> Tensor:
         return conv_bn_act(x, self.conv, self.bn, self.act, self._fold)

@@ -28,6 +28,7 @@ from ..ops.dwconv_layernorm import dwconv_layernorm
 from ..ops.xca_attention import xca_attention
 from .conv_bn_act import Unsupported, dwconv_kernel_mismatch
 from .patch_transformer import Mlp, add_residual, can_overwrite, scale_
+from .sharing import take_mode
 
 
 def depthwise_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -92,7 +93,7 @@ class FusedXCA(nn.Module):
         fused.num_heads = module.num_heads
         fused.temperature, fused.qkv, fused.proj = module.temperature, module.qkv, module.proj
         fused.proj_drop = module.proj_drop
-        return fused
+        return take_mode(fused, module)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -191,7 +192,7 @@ class FusedSDTABlock(nn.Module):
         fused.xca = FusedXCA.from_module(block.xca)
         fused.norm, fused.mlp, fused.gamma = block.norm, _share_mlp(block.mlp), block.gamma
         fused.drop_path = float(getattr(block.drop_path, "drop_prob", 0.0))
-        return fused
+        return take_mode(fused, block)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
@@ -244,7 +245,7 @@ class FusedConvBlock(nn.Module):
         fused.conv_dw, fused.norm, fused.mlp = block.conv_dw, block.norm, _share_mlp(block.mlp)
         fused.gamma = block.gamma
         fused.drop_path = float(getattr(block.drop_path, "drop_prob", 0.0))
-        return fused
+        return take_mode(fused, block)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x

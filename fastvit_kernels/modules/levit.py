@@ -24,6 +24,7 @@ from torch import Tensor
 from .. import memory
 from ..ops.bias_attention import bias_attention
 from .conv_bn_act import BatchNormFold, Unsupported, conv_bn_act
+from .sharing import take_mode
 
 
 def _pair(r: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
@@ -78,7 +79,7 @@ def share_norm_layer(module: nn.Module) -> nn.Module:
     fused = cls.__new__(cls)
     nn.Module.__init__(fused)
     fused.linear, fused.bn, fused._fold = module.linear, module.bn, BatchNormFold()
-    return fused
+    return take_mode(fused, module)
 
 
 def _epilogue(act: nn.Module) -> str:
@@ -135,7 +136,7 @@ class FusedLeViTAttention(_BiasAttentionBase):
         fused.qkv = share_norm_layer(attn.qkv)
         fused.proj = nn.Sequential(OrderedDict([("act", attn.proj.act), ("ln", share_norm_layer(attn.proj.ln))]))
         fused.attention_biases = attn.attention_biases
-        return fused
+        return take_mode(fused, attn)
 
     def forward(self, x: Tensor) -> Tensor:
         split = [self.key_dim, self.key_dim, self.val_dim]
@@ -192,7 +193,7 @@ class FusedLeViTAttentionDownsample(_BiasAttentionBase):
         fused.q = nn.Sequential(OrderedDict([("ln", share_norm_layer(attn.q.ln))]))
         fused.proj = nn.Sequential(OrderedDict([("act", attn.proj.act), ("ln", share_norm_layer(attn.proj.ln))]))
         fused.attention_biases = attn.attention_biases
-        return fused
+        return take_mode(fused, attn)
 
     def forward(self, x: Tensor) -> Tensor:
         s, (R_h, R_w) = self.stride, self.resolution

@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import memory
 from .conv_bn_act import FusedConvBNAct
 from .patch_transformer import PatchTransformerBlock, _pair
+from .sharing import take_mode
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
@@ -89,7 +90,7 @@ class FusedMobileViTBlock(nn.Module):
         fused.norm = block.norm
         fused.conv_proj = FusedConvBNAct.from_module(block.conv_proj)
         fused.conv_fusion = None if block.conv_fusion is None else FusedConvBNAct.from_module(block.conv_fusion)
-        return fused
+        return take_mode(fused, block)
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_floating_point():

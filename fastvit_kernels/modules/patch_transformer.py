@@ -21,6 +21,7 @@ from torch import Tensor
 from .. import memory
 from ..memory import run_layer_norm, run_linear
 from ..ops.patch_attention import patch_attention
+from .sharing import take_mode
 from .conv_bn_act import Unsupported
 
 
@@ -211,7 +212,7 @@ class PatchTransformerBlock(nn.Module):
         for name in ("fc1", "act", "drop1", "fc2", "drop2"):
             setattr(fused.mlp, name, getattr(mlp, name))
         fused.drop_path = float(getattr(block.drop_path1, "drop_prob", 0.0))
-        return fused
+        return take_mode(fused, block)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[B, H, W, C]`` tokens in image order, H and W multiples of the patch size."""
