@@ -102,16 +102,27 @@ def set_cpu_cache_limit(limit_bytes: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def into_cache(x: Tensor, *params: Optional[Tensor]) -> bool:
-    """True when a module may write its output into a cached buffer: eager inference on plain CPU
-    tensors of one dtype, no autocast (which would change the output dtype)."""
+def into_cache(x: Tensor, *params: Optional[Tensor]):
+    """The extension (truthy) when a module may write its output into a cached buffer, else None:
+    eager inference on plain CPU tensors of one dtype, no autocast (which would change the output
+    dtype). Pass it to :func:`_cached_empty` for the buffer."""
     # is_compiling first: _cache() may import the extension, which dynamo cannot trace (a graph break
     # when the first call of a model is a compiled one).
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or _cache() is None or torch.is_autocast_enabled("cpu"):
-        return False
-    if any(p is not None and p.dtype != x.dtype for p in params):
-        return False
-    return backends.direct_call(x, *params)
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return None
+    ext = _cache()
+    if ext is None or any(p is not None and p.dtype != x.dtype for p in params):
+        return None
+    return ext if backends.direct_call(x, *params) else None
+
+
+def _cached_empty(ext, shape: Sequence[int], dtype: torch.dtype,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """:func:`empty` for a CPU tensor after :func:`into_cache` returned ``ext``, without repeating its
+    checks (they cost as much as the small GEMMs of a LeViT layer at batch 1)."""
+    if _plain_memory_wanted():
+        return torch.empty(shape, dtype=dtype, memory_format=memory_format)
+    return ext.cpu_cached_empty(list(shape), dtype, memory_format)
 
 
 def plain(module: nn.Module, kind: type) -> bool:
@@ -123,9 +134,10 @@ def plain(module: nn.Module, kind: type) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)``; in CPU inference, into a cached buffer."""
-    if not into_cache(x, weight, bias):
+    ext = into_cache(x, weight, bias)
+    if not ext:
         return F.linear(x, weight, bias)
-    out = empty(x.shape[:-1] + weight.shape[:1], x.dtype, x.device)
+    out = _cached_empty(ext, x.shape[:-1] + weight.shape[:1], x.dtype)
     x2d, out2d = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
     if bias is None:
         torch.mm(x2d, weight.t(), out=out2d)
@@ -137,9 +149,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """``F.layer_norm(x, normalized_shape, weight, bias, eps)``; in CPU inference, into a cached buffer."""
-    if x.dtype not in (torch.float32, torch.float64) or not into_cache(x, weight, bias):
+    ext = into_cache(x, weight, bias) if x.dtype in (torch.float32, torch.float64) else None
+    if not ext:
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    out = empty(x.shape, x.dtype, x.device)
+    out = _cached_empty(ext, x.shape, x.dtype)
     stats_shape = x.shape[:x.dim() - len(normalized_shape)] + (1,) * len(normalized_shape)
     mean, rstd = (torch.empty(stats_shape, dtype=x.dtype) for _ in range(2))
     torch.ops.aten.native_layer_norm.out(x, normalized_shape, weight, bias, eps, out0=out, out1=mean, out2=rstd)
@@ -149,9 +162,10 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tens
 def channels_last(x: Tensor) -> Tensor:
     """``x.contiguous(memory_format=torch.channels_last)``; in CPU inference the copy, when one is
     needed, goes into a cached buffer."""
-    if x.is_contiguous(memory_format=torch.channels_last) or not into_cache(x):
+    ext = None if x.is_contiguous(memory_format=torch.channels_last) else into_cache(x)
+    if not ext:
         return x.contiguous(memory_format=torch.channels_last)
-    return empty(x.shape, x.dtype, x.device, torch.channels_last).copy_(x)
+    return _cached_empty(ext, x.shape, x.dtype, torch.channels_last).copy_(x)
 
 
 def pointwise_conv(conv: nn.Conv2d, x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None
@@ -211,7 +225,8 @@ def fused_mlp(x: Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module, gamma: 
     if norm is not None and not (plain(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (width,)):
         return None
     norm_params = (norm.weight, norm.bias) if norm is not None else ()
-    if not into_cache(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, residual, *norm_params):
+    ext = into_cache(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, residual, *norm_params)
+    if not ext:
         return None
     if gamma is not None and gamma.shape != (width,):
         return None
@@ -225,7 +240,7 @@ def fused_mlp(x: Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module, gamma: 
             return None
     if norm is not None:
         x = run_layer_norm(norm, x)
-    out = empty(x.shape, x.dtype, x.device)
-    _cache().fused_mlp(x.reshape(-1, width), fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, residual_rows,
+    out = _cached_empty(ext, x.shape, x.dtype)
+    ext.fused_mlp(x.reshape(-1, width), fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, residual_rows,
                        code, out.view(-1, width))
     return out

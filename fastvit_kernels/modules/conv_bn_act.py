@@ -117,11 +117,18 @@ class DerivedCache:
         self._key, self._value = None, None
 
     def get(self, sources: Sequence[Optional[Tensor]], compute: Callable[[], object], extra: tuple = ()):
-        present = [t for t in sources if t is not None]
-        if torch.compiler.is_compiling() or any(t.is_inference() for t in present) or (
-                torch.is_grad_enabled() and any(t.requires_grad for t in present)):
+        if torch.compiler.is_compiling():
             return compute()
-        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources) + extra
+        grad = torch.is_grad_enabled()
+        key = list(extra)  # one pass over the sources: this runs for every layer of every call
+        for t in sources:
+            if t is None:
+                key.append(None)
+                continue
+            if t.is_inference() or (grad and t.requires_grad):
+                return compute()
+            key.append((t.data_ptr(), t._version, t.dtype, t.device))
+        key = tuple(key)
         if key != self._key:
             with torch.no_grad():
                 self._value = compute()

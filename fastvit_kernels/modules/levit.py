@@ -53,7 +53,9 @@ class LinearNorm(_FoldCache):
             y = self.linear(x)
             return self.bn(y.flatten(0, -2)).reshape_as(y)
         weight, bias = self._fold(self.linear, self.bn)
-        return memory.linear(x, weight.to(x.dtype), bias.to(x.dtype))
+        if weight.dtype != x.dtype:  # a float32 fold of 16-bit parameters
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        return memory.linear(x, weight, bias)
 
 
 class ConvNorm(_FoldCache):
