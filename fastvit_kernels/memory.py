@@ -241,6 +241,6 @@ def fused_mlp(x: Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module, gamma: 
     if norm is not None:
         x = run_layer_norm(norm, x)
     out = _cached_empty(ext, x.shape, x.dtype)
-    ext.fused_mlp(x.reshape(-1, width), fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, residual_rows,
-                       code, out.view(-1, width))
+    ext.fused_mlp(x.reshape(-1, width), fc1.weight, fc1.bias, fc2.weight, fc2.bias, gamma, residual_rows, code,
+                  out.view(-1, width))
     return out

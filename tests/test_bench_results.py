@@ -24,9 +24,20 @@ def test_a_row_per_stored_device_and_entry():
     markdown = summary.results_markdown(RESULTS)
     rows = _table_rows(markdown)
     assert len(rows) == len(newest)
-    for (device_type, device_name, op, _dtypes), (path, result) in newest.items():
+    for (device_type, device_name, op, _dtypes, _backends), (path, result) in newest.items():
         assert f"**{device_name}** ({device_type})" in markdown
         assert any(row.startswith(f"| `{op}` |") and path.name in row for row in rows), op
+
+
+def test_runs_of_other_backends_keep_their_rows(tmp_path):
+    """A reference-backend run of a model does not replace its cpu-backend row."""
+    cpu = json.loads(sorted(RESULTS.glob("levit_128s_cpu_*.json"))[0].read_text())
+    assert cpu["benchmarked_backends"] == ["cpu"]
+    reference = dict(cpu, benchmarked_backends=["reference"], date="2099-01-01T00:00:00+00:00")
+    (tmp_path / "a.json").write_text(json.dumps(cpu))
+    (tmp_path / "b.json").write_text(json.dumps(reference))
+    rows = _table_rows(summary.results_markdown(tmp_path, relative_to=tmp_path))
+    assert len(rows) == 2 and {"`a.json`", "`b.json`"} == {row.split("|")[-2].strip() for row in rows}
 
 
 def test_newest_result_of_an_entry_wins(tmp_path):

@@ -41,14 +41,18 @@ def device_key(result: dict) -> Tuple[str, str]:
 
 
 def newest_per_device_and_entry(results: Iterable[Tuple[Path, dict]]) -> Dict[Tuple, Tuple[Path, dict]]:
-    """{(device type, device name, op, dtypes): (path, result)} keeping the newest ``date`` of each: a
-    run in other dtypes (bfloat16 after float32) does not hide the older one."""
+    """{(device type, device name, op, dtypes, backends): (path, result)} keeping the newest ``date`` of
+    each: a run in other dtypes (bfloat16 after float32) or of other backends (reference after cpu)
+    does not hide the older one. A run with no fused row that passed is left out where the op has
+    another on that device (T2T-ViT's cpu-only run, which no kernel could serve, beside its auto run)."""
     newest = {}
     for path, result in results:
-        key = (*device_key(result), result["op"], tuple(result["settings"]["dtypes"]))
+        key = (*device_key(result), result["op"], tuple(result["settings"]["dtypes"]),
+               tuple(result.get("benchmarked_backends", ())))
         if key not in newest or _date(result) > _date(newest[key][1]):
             newest[key] = (path, result)
-    return newest
+    measured = {key[:3] for key, (_, result) in newest.items() if best_fused_rows(result)}
+    return {key: value for key, value in newest.items() if best_fused_rows(value[1]) or key[:3] not in measured}
 
 
 def _geomean(values: List[float]) -> Optional[float]:
