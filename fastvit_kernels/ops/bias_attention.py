@@ -165,9 +165,14 @@ def hardswish(x: Tensor) -> Tensor:
     return x * (x + 3).clamp(0, 6) / 6
 
 
+def attention_probs(q: Tensor, k: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """``softmax(scale q k^T + bias)``."""
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale + bias, dim=-1)
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """Probabilities ``softmax(scale q k^T + bias)`` and the output ``P v`` (before the activation)."""
-    probs = torch.softmax((q @ k.transpose(-1, -2)) * scale + bias, dim=-1)
+    probs = attention_probs(q, k, bias, scale)
     return probs, probs @ v
 
 
@@ -179,9 +184,10 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, grad_y: Te
     dP = dO V^T, dS = P * (dP - rowsum(P * dP)), dQ = scale dS K, dK = scale dS^T Q.
     The bias table's gradient is dS summed into the table entry each score read (see _backward).
     """
-    probs, out = attention_forward(q, k, v, bias, scale)
+    probs = attention_probs(q, k, bias, scale)
     grad_o = grad_y
-    if activation == "hardswish":
+    if activation == "hardswish":  # the only use of O: dS uses rowsum(P * dP)
+        out = probs @ v
         # aten.hardswish_backward's values, written pointwise: its fake (meta) kernel returns other
         # strides than its CPU kernel, which breaks the views torch.compile plans after it.
         grad_o = grad_y * torch.where(out < -3, 0.0, torch.where(out <= 3, out / 3 + 0.5, 1.0))

@@ -109,11 +109,11 @@ def mix_heads(t: Tensor, mix: Tensor) -> Tensor:
     return torch.einsum("bhij,hg->bgij", t, mix)
 
 
-def forward_steps(q: Tensor, k: Tensor, v: Tensor, scale: float, pre_mix, post_mix, norm_weight, norm_bias,
+def forward_steps(q: Tensor, k: Tensor, scale: float, pre_mix, post_mix, norm_weight, norm_bias,
                   norm_eps: float) -> dict:
-    """Every intermediate of the forward (the backward needs them): scores ``s``, mixed scores ``t``,
-    probabilities ``p``, mixed probabilities ``m``, their normalised form ``m_hat`` and ``rstd``, the
-    map ``a`` multiplied with v, and the output ``o`` ``[B, heads, Nq, dv]``."""
+    """Every intermediate of the forward up to the map the values are multiplied with (the backward
+    needs them; the output ``a @ v`` it does not): scores ``s``, mixed scores ``t``, probabilities
+    ``p``, mixed probabilities ``m``, their normalised form ``m_hat`` and ``rstd``, the map ``a``."""
     steps = {"s": scale * (q @ k.transpose(-1, -2))}
     steps["t"] = mix_heads(steps["s"], pre_mix) if pre_mix is not None else steps["s"]
     steps["p"] = torch.softmax(steps["t"], dim=-1)
@@ -128,7 +128,6 @@ def forward_steps(q: Tensor, k: Tensor, v: Tensor, scale: float, pre_mix, post_m
         if norm_bias is not None:
             a = a + norm_bias.view(1, -1, 1, 1)
     steps["a"] = a
-    steps["o"] = a @ v
     return steps
 
 
@@ -141,7 +140,7 @@ def backward_steps(q: Tensor, k: Tensor, v: Tensor, grad_o: Tensor, scale: float
     dP = Wpost dM; softmax: dT = P * (dP - rowsum(dP * P)); pre mix: dWpre = sum S dT^T, dS = Wpre dT;
     dQ = scale dS K, dK = scale dS^T Q.
     """
-    st = forward_steps(q, k, v, scale, pre_mix, post_mix, norm_weight, norm_bias, norm_eps)
+    st = forward_steps(q, k, scale, pre_mix, post_mix, norm_weight, norm_bias, norm_eps)
     grad_a = grad_o @ v.transpose(-1, -2)
     grad_v = st["a"].transpose(-1, -2) @ grad_o
     grad_norm_weight = grad_norm_bias = grad_post = grad_pre = None
@@ -178,8 +177,9 @@ def reference(q: Tensor, k: Tensor, v: Tensor, scale: float, pre_mix, post_mix, 
               norm_eps: float, out: Tensor) -> None:
     """The specification: every step materialised, in the accumulation dtype."""
     acc = accumulation_dtype(q.dtype)
-    o = forward_steps(q.to(acc), k.to(acc), v.to(acc), scale, _as(pre_mix, acc), _as(post_mix, acc),
-                      _as(norm_weight, acc), _as(norm_bias, acc), norm_eps)["o"]
+    a = forward_steps(q.to(acc), k.to(acc), scale, _as(pre_mix, acc), _as(post_mix, acc), _as(norm_weight, acc),
+                      _as(norm_bias, acc), norm_eps)["a"]
+    o = a @ v.to(acc)
     out.copy_(o.transpose(1, 2).reshape(out.shape))
 
 

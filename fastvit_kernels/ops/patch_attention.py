@@ -138,9 +138,14 @@ def merge_heads(t: Tensor) -> Tensor:
     return t.permute(1, 3, 0, 2, 4).reshape(S, N, G * heads * d)
 
 
+def attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """``softmax(scale q k^T)`` for ``[S, heads, N, d]`` inputs."""
+    return torch.softmax(scale * (q @ k.transpose(-1, -2)), dim=-1)
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """Probabilities ``softmax(scale q k^T)`` and output ``P v`` for ``[S, heads, N, d]`` inputs."""
-    probs = torch.softmax(scale * (q @ k.transpose(-1, -2)), dim=-1)
+    probs = attention_probs(q, k, scale)
     return probs, probs @ v
 
 
@@ -151,7 +156,7 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, scale:
     S = scale q k^T, P = softmax(S), O = P V; dV = P^T dO, dP = dO V^T,
     dS = P * (dP - rowsum(P * dP)), dQ = scale dS K, dK = scale dS^T Q.
     """
-    probs, out = attention_forward(q, k, v, scale)
+    probs = attention_probs(q, k, scale)  # O is not needed: dS uses rowsum(P * dP)
     grad_v = probs.transpose(-1, -2) @ grad_out
     grad_probs = grad_out @ v.transpose(-1, -2)
     # rowsum(P * dP), as eager's softmax backward (see bias_attention.attention_backward).
