@@ -59,22 +59,30 @@ FVK_HD inline float int_as_float(int32_t i) {
 #endif
 }
 
-// The core of fast_exp below: e^x = 2^n e^r, returns e^r and n (the caller bounds x).
-FVK_HD inline float exp_reduced(float x, int32_t& n_out) {
-  // Adding 1.5 * 2^23 rounds x*log2(e) to the nearest integer n without a call to rintf, and
-  // leaves n in the low mantissa bits of t.
+// The core of fast_exp below: e^x = 2^n e^r, returns e^r and sets t = x log2(e) + 1.5 * 2^23, whose
+// low mantissa bits hold n (the caller bounds x). F is float, or on the CPU a vector of floats
+// (simd.h's exp_nonpositive), so that both run one polynomial.
+template <typename F>
+FVK_HD inline F exp_reduced_bits(F x, F& t) {
+  // Adding 1.5 * 2^23 rounds x*log2(e) to the nearest integer n without a call to rintf.
   const float shifter = 12582912.0f;
-  const float t = x * 1.44269504088896341f + shifter;
-  const float n = t - shifter;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for precision
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
+  t = x * 1.44269504088896341f + shifter;
+  const F n = t - shifter;
+  const F r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for precision
+  F p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  n_out = float_as_int(t) - float_as_int(shifter);
   return p * r * r + r + 1.0f;
+}
+
+// exp_reduced_bits with n as an integer.
+FVK_HD inline float exp_reduced(float x, int32_t& n_out) {
+  float t;
+  const float p = exp_reduced_bits(x, t);
+  n_out = float_as_int(t) - float_as_int(12582912.0f);
+  return p;
 }
 
 // exp(x) for float, branch-free so that g++ vectorizes loops that call it (libm's expf is a scalar

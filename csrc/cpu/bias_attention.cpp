@@ -3,7 +3,8 @@
 //
 // A parallel task is a range of work items (image, head, block of kQueryBlock queries). For each
 // (image, head) it meets, a task gathers that head's keys and values once into acc_t buffers: K
-// transposed [dk, Np] and V [Np, dvp], zero-padded to multiples of kPad keys / channels; and the
+// transposed [dk, Np] and V [Nk, dvp], zero-padded to multiples of kPad keys / channels (float32 values
+// with contiguous channels, a multiple of kPad, are read in place instead); and the
 // head's bias table "mirrored" [R_h, 2 R_w - 1], row dy holding table[h, dy * R_w + |t|] for
 // t = -(R_w - 1) .. R_w - 1. A query at (qy, qx) sees the keys of grid row ky with the biases
 // mirrored[|qy - ky|][R_w - 1 - qx + kx], kx = 0 .. R_w - 1: a contiguous run, so each query's bias
@@ -15,8 +16,8 @@
 //      makes this compute-bound instead of bound by loads (a per-row loop does one load per
 //      multiply-add). Each dot product is summed over channels in ascending order from zero, as
 //      bias_attention_dot does;
-//   2. per row, the softmax as one block of the header's online softmax: the row max, weights
-//      p_j = fast_exp(s_j - max), their sum (max and sum per vector lane, then across lanes);
+//   2. per row, the softmax as one block of the header's online softmax: the row max, then in one pass
+//      the weights p_j = e^(s_j - max) and their sum (simd.h's softmax_row);
 //   3. out[kRows, dv] = act(P V / sum) in register tiles of kRows x kCols vectors of channels
 //      (value_tile), the activation at the store.
 // Queries whose channels are not contiguous (q channel stride != 1, e.g. timm's use_conv layout) take
@@ -28,6 +29,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../bias_attention.h"
@@ -73,14 +75,14 @@ FVK_INLINE void score_block(const acc_t* __restrict q, const acc_t* __restrict k
     }
 }
 
-// o[r, e0 + e] = inv_sum[r] * sum_j s[r, j] v[j, e0 + e] for the NV vectors of channels from e0.
+// o[r, e0 + e] = inv_sum[r] * sum_{j < Nk} s[r, j] v[j, e0 + e] for the NV vectors of channels from e0.
 template <int NV, typename acc_t>
 FVK_INLINE void value_block(const acc_t* __restrict s, const acc_t* __restrict v, const acc_t* __restrict inv_sum,
-                            int64_t Np, int64_t dvp, acc_t* __restrict o, int64_t e0) {
+                            int64_t Np, int64_t Nk, int64_t ldv, int64_t dvp, acc_t* __restrict o, int64_t e0) {
   using V = vec_t<acc_t>;
   constexpr int64_t L = kLanes<acc_t>;
   V c[kRows][NV] = {};
-  tile_accumulate<kRows, NV>(c, s, Np, v + e0, dvp, 0, Np);
+  tile_accumulate<kRows, NV>(c, s, Np, v + e0, ldv, 0, Nk);
 #pragma GCC unroll 6
   for (int64_t r = 0; r < kRows; ++r)
 #pragma GCC unroll 2
@@ -95,41 +97,25 @@ FVK_CPU_CLONES void score_tile(const acc_t* __restrict q,   // [kRows, dk] the t
                                int64_t Np, int64_t dk, acc_t scale,
                                acc_t* __restrict s,         // [kRows, Np] in: bias; out: weights
                                acc_t* __restrict inv_sum) { // [kRows] out
-  using V = vec_t<acc_t>;
   constexpr int64_t L = kLanes<acc_t>;
   int64_t j0 = 0;
   for (; j0 + kCols * L <= Np; j0 += kCols * L) score_block<kCols>(q, kt, Np, dk, scale, s, j0);
   if (j0 < Np) score_block<1>(q, kt, Np, dk, scale, s, j0);
-  // Softmax per row over whole vectors; max and sum are kept per lane (no serial dependence from one
-  // key to the next) and reduced across lanes at the end. Padded keys (-inf) get weight 0.
-  for (int64_t r = 0; r < kRows; ++r) {
-    acc_t* __restrict row = s + r * Np;
-    V vmax = load_vec(row);
-    for (int64_t j = L; j < Np; j += L) {
-      const V x = load_vec(row + j);
-      vmax = x > vmax ? x : vmax;  // a NaN score is skipped here and poisons the row below
-    }
-    acc_t mx = vmax[0];
-    for (int64_t l = 1; l < L; ++l) mx = vmax[l] > mx ? vmax[l] : mx;
-    for (int64_t j = 0; j < Np; ++j) row[j] = fast_exp(row[j] - mx);
-    V vsum = {};
-    for (int64_t j = 0; j < Np; j += L) vsum += load_vec(row + j);
-    acc_t sum = acc_t(0);
-    for (int64_t l = 0; l < L; ++l) sum += vsum[l];
-    inv_sum[r] = acc_t(1) / sum;  // sum >= 1: the max key contributes exp(0)
-  }
+  for (int64_t r = 0; r < kRows; ++r) inv_sum[r] = softmax_row(s + r * Np, Np);
 }
 
-// Step 3 for one tile, before the activation: o[r, e] = inv_sum[r] * sum_j s[r, j] v[j, e].
+// Step 3 for one tile, before the activation: o[r, e] = inv_sum[r] * sum_j s[r, j] v[j, e]. The
+// padded keys' weights are 0, so the sum stops at Nk.
 template <typename acc_t>
 FVK_CPU_CLONES void value_tile(const acc_t* __restrict s,   // [kRows, Np] weights from score_tile
-                               const acc_t* __restrict v,   // [Np, dvp] values, zero-padded
-                               const acc_t* __restrict inv_sum, int64_t Np, int64_t dvp,
+                               const acc_t* __restrict v,   // [Nk, dvp] values, row stride ldv
+                               const acc_t* __restrict inv_sum, int64_t Np, int64_t Nk, int64_t ldv,
+                               int64_t dvp,                 // channels, a multiple of kPad
                                acc_t* __restrict o) {       // [kRows, dvp] out
   constexpr int64_t L = kLanes<acc_t>;
   int64_t e0 = 0;
-  for (; e0 + kCols * L <= dvp; e0 += kCols * L) value_block<kCols>(s, v, inv_sum, Np, dvp, o, e0);
-  if (e0 < dvp) value_block<1>(s, v, inv_sum, Np, dvp, o, e0);
+  for (; e0 + kCols * L <= dvp; e0 += kCols * L) value_block<kCols>(s, v, inv_sum, Np, Nk, ldv, dvp, o, e0);
+  if (e0 < dvp) value_block<1>(s, v, inv_sum, Np, Nk, ldv, dvp, o, e0);
 }
 
 template <typename scalar_t, typename table_t>
@@ -143,14 +129,20 @@ void bias_attention_kernel(const scalar_t* q, const scalar_t* k, const scalar_t*
   const int64_t q_blocks = (g.Nq + kQueryBlock - 1) / kQueryBlock;
   const int64_t items = g.B * g.heads * q_blocks;
   const bool per_row = g.q_c != 1;
+  // float32 values whose channels are contiguous and a whole number of vectors are read where they
+  // are (row stride v_n) instead of gathered: for a downsampling head (49 queries, 196 keys) the
+  // gather was about a third of the kernel's time.
+  const bool values_in_place = std::is_same<scalar_t, acc_t>::value && g.v_c == 1 && dv % kPad == 0;
   // Grain: about 2^18 multiply-adds of work per chunk before OpenMP's fork/join pays off.
   const int64_t work_per_item = std::max<int64_t>(1, std::min(g.Nq, kQueryBlock) * Nk * (dk + dv));
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work_per_item);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> kt(per_row ? 0 : dk * Np, acc_t(0)), vb(per_row ? 0 : Np * dvp, acc_t(0)),
+    std::vector<acc_t> kt(per_row ? 0 : dk * Np, acc_t(0)), vb(per_row || values_in_place ? 0 : Nk * dvp, acc_t(0)),
         mirrored(per_row ? 0 : R_h * W2), qt(kRows * dk), s(kRows * Np), inv_sum(kRows), o(kRows * dvp);
     int64_t packed = -1;  // (image, head) index held in kt, vb and mirrored
+    const acc_t* v_tile = nullptr;  // that head's values: vb, or v itself
+    int64_t ldv = dvp;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qb = item % q_blocks;
       const int64_t bh = item / q_blocks;  // image * heads + head
@@ -165,9 +157,14 @@ void bias_attention_kernel(const scalar_t* q, const scalar_t* k, const scalar_t*
       if (bh != packed) {
         const scalar_t* k_head = k + b * g.k_b + h * g.k_h;
         const scalar_t* v_head = v + b * g.v_b + h * g.v_h;
-        for (int64_t j = 0; j < Nk; ++j) {
+        for (int64_t j = 0; j < Nk; ++j)
           for (int64_t e = 0; e < dk; ++e) kt[e * Np + j] = static_cast<acc_t>(k_head[j * g.k_n + e * g.k_c]);
-          for (int64_t e = 0; e < dv; ++e) vb[j * dvp + e] = static_cast<acc_t>(v_head[j * g.v_n + e * g.v_c]);
+        if (values_in_place) {
+          v_tile = reinterpret_cast<const acc_t*>(v_head), ldv = g.v_n;  // scalar_t is acc_t here
+        } else {
+          for (int64_t j = 0; j < Nk; ++j)
+            for (int64_t e = 0; e < dv; ++e) vb[j * dvp + e] = static_cast<acc_t>(v_head[j * g.v_n + e * g.v_c]);
+          v_tile = vb.data(), ldv = dvp;
         }
         const table_t* t_head = table + h * g.t_h;
         for (int64_t dy = 0; dy < R_h; ++dy)  // |qy - ky| = dy and qx - kx = -t: bias_attention_index
@@ -192,7 +189,7 @@ void bias_attention_kernel(const scalar_t* q, const scalar_t* k, const scalar_t*
           std::fill(s_row + Nk, s_row + Np, acc_t(-INFINITY));
         }
         score_tile(qt.data(), kt.data(), Np, dk, scale, s.data(), inv_sum.data());
-        value_tile(s.data(), vb.data(), inv_sum.data(), Np, dvp, o.data());
+        value_tile(s.data(), v_tile, inv_sum.data(), Np, Nk, ldv, dvp, o.data());
         for (int64_t r = 0; r < rows; ++r) {
           scalar_t* o_row = out + b * g.o_b + (i0 + r) * g.o_n + h * dv * g.o_c;
           for (int64_t e = 0; e < dv; ++e)

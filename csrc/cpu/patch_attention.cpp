@@ -11,9 +11,8 @@
 //      load feeds kRows multiply-adds, which is what makes this compute-bound instead of bound by
 //      loads (a per-row loop does one load per multiply-add). Each score is summed over channels in
 //      ascending order from zero, as attention_score does;
-//   2. per row, the softmax as one block of the header's online softmax: the row max, weights
-//      p_j = fast_exp(scale * s_j - max) (padded keys get 0), their sum (max and sum per vector
-//      lane, then across lanes);
+//   2. per row, the softmax as one block of the header's online softmax: the row max, then in one pass
+//      the weights p_j = e^(s_j - max) (padded keys get 0) and their sum (simd.h's softmax_row);
 //   3. out[kRows, dv] = P V in register tiles of kRows x one vector of channels (value_tile), scaled by
 //      1 / sum at the store.
 // Any head dims: the tile is kRows x one vector whatever d and dv (the buffers are on the heap); the
@@ -65,26 +64,12 @@ FVK_CPU_CLONES void score_tile(const acc_t* __restrict q,   // [kRows, d] the ti
 #pragma GCC unroll 8
     for (int64_t r = 0; r < kRows; ++r) store_vec(s + r * Np + j0, c[r] * scale);
   }
-  // Softmax per row over whole vectors: padded keys get -inf, so they drop out of the max and get
-  // weight fast_exp(-inf) = 0. Max and sum are kept per lane (no serial dependence from one key to
-  // the next) and reduced across lanes at the end.
-  constexpr int64_t L = kLanes<acc_t>;
+  // Softmax per row (simd.h's softmax_row): padded keys get -inf, so they drop out of the max and get
+  // weight 0.
   for (int64_t r = 0; r < kRows; ++r) {
     acc_t* __restrict row = s + r * Np;
     for (int64_t j = N; j < Np; ++j) row[j] = -INFINITY;
-    V vmax = load_vec(row);
-    for (int64_t j0 = L; j0 < Np; j0 += L) {
-      const V x = load_vec(row + j0);
-      vmax = x > vmax ? x : vmax;  // a NaN score is skipped here and poisons the row below
-    }
-    acc_t mx = vmax[0];
-    for (int64_t l = 1; l < L; ++l) mx = vmax[l] > mx ? vmax[l] : mx;
-    for (int64_t j = 0; j < Np; ++j) row[j] = fast_exp(row[j] - mx);
-    V vsum = {};
-    for (int64_t j0 = 0; j0 < Np; j0 += L) vsum += load_vec(row + j0);
-    acc_t sum = acc_t(0);
-    for (int64_t l = 0; l < L; ++l) sum += vsum[l];
-    inv_sum[r] = acc_t(1) / sum;  // sum >= 1: the max key contributes exp(0)
+    inv_sum[r] = softmax_row(row, Np);
   }
 }
 

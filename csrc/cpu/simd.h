@@ -7,6 +7,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#include "../common.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FVK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -67,6 +70,57 @@ inline __attribute__((always_inline)) void tile_accumulate(vec_t<acc_t> (&acc)[R
       for (int n = 0; n < NV; ++n) acc[r][n] += ar * bk[n];
     }
   }
+}
+
+// e^x lane by lane for x <= 0 (a softmax's s - max) or NaN, which stays NaN. For float, lanes under -87
+// give exactly 0 (e^-87 is about the smallest normal float; fast_exp gives denormals down to -104): above
+// it 2^n is one normal float, so it is fast_exp's polynomial with one scaling and no clamp at the top.
+template <typename acc_t>
+inline __attribute__((always_inline)) vec_t<acc_t> exp_nonpositive(vec_t<acc_t> x) {
+  if constexpr (std::is_same<acc_t, float>::value) {
+    typedef int32_t vi32 __attribute__((vector_size(32)));
+    const vec_t<float> zero = {};
+    const vec_t<float> low = zero - 87.0f;
+    const auto under = x < low;
+    vec_t<float> t;
+    const vec_t<float> p = exp_reduced_bits(under ? low : x, t);
+    vi32 n;
+    std::memcpy(&n, &t, sizeof n);
+    n = (n - float_as_int(12582912.0f) + 127) << 23;  // 2^n as float bits
+    vec_t<float> scale;
+    std::memcpy(&scale, &n, sizeof scale);
+    return under ? zero : p * scale;
+  } else {
+    for (int64_t l = 0; l < kLanes<acc_t>; ++l) x[l] = std::exp(x[l]);
+    return x;
+  }
+}
+
+// A softmax row in place, unnormalised: row[j] = e^(row[j] - max) for j < n (a multiple of the lane
+// count); returns 1 / sum_j row[j]. Max and sum are kept per lane (no serial dependence from one value
+// to the next) and reduced across lanes at the end; the exponentials and the sum are one pass. -inf
+// entries (padding) get weight 0; a NaN is skipped by the max and poisons the row through the sum.
+template <typename acc_t>
+inline __attribute__((always_inline)) acc_t softmax_row(acc_t* __restrict row, int64_t n) {
+  using V = vec_t<acc_t>;
+  constexpr int64_t L = kLanes<acc_t>;
+  V vmax = load_vec(row);
+  for (int64_t j = L; j < n; j += L) {
+    const V x = load_vec(row + j);
+    vmax = x > vmax ? x : vmax;
+  }
+  acc_t mx = vmax[0];
+  for (int64_t l = 1; l < L; ++l) mx = vmax[l] > mx ? vmax[l] : mx;
+  const V vmx = V{} + mx;
+  V vsum = {};
+  for (int64_t j = 0; j < n; j += L) {
+    const V p = exp_nonpositive<acc_t>(load_vec(row + j) - vmx);
+    store_vec(row + j, p);
+    vsum += p;
+  }
+  acc_t sum = acc_t(0);
+  for (int64_t l = 0; l < L; ++l) sum += vsum[l];
+  return acc_t(1) / sum;  // sum >= 1: the max contributes e^0
 }
 
 }  // namespace fastvit_kernels
