@@ -12,7 +12,7 @@ import torch
 
 from fastvit_kernels import backends
 from fastvit_kernels.bench import REGISTRY, plot_speedups, report, runner
-from fastvit_kernels.bench.__main__ import main, run_op
+from fastvit_kernels.bench.__main__ import gemm_floor_ms, main, run_op
 from fastvit_kernels.bench.bandwidth import datasheet_memory_bandwidth, measure_copy_bandwidth
 from fastvit_kernels.bench.progress import Progress
 from fastvit_kernels.bench.cases import UnfoldAttentionFold, model_case, timm_fold, timm_unfold
@@ -204,7 +204,7 @@ def test_model_entries_are_named_and_left_out_of_quick():
         (cpu_case,) = entry.cases(False, torch.device("cpu"))
         assert cpu_case.params == {"model": name, "batch": 8, "input_size": [3, 256, 256]}
         assert [c.params["batch"] for c in entry.cases(False, torch.device("cuda"))] == [8, 64, 256]
-        assert entry.min_bytes(cpu_case, 4) is None and entry.flops(cpu_case) is None
+        assert entry.min_bytes(cpu_case, 4) is None
         # Fewer calls than an op, unless asked for.
         assert runner.settings_for(entry, quick=False) == (1, 5)
         assert runner.settings_for(entry, quick=False, warmup=2, repeats=7) == (2, 7)
@@ -232,8 +232,30 @@ def test_model_fused_matches_timm_through_the_runner():
     rows = runner.make_rows(prepared, runner.time_variants(prepared, warmup=1, repeats=1))
     assert {r["impl"] for r in rows} == {"eager"} | {f"fused-{n}" for n in names}
     for r in rows:
-        assert r["images_per_s"] > 0 and r["gbps"] is None and r["passed"]
+        assert r["images_per_s"] > 0 and r["gbps"] is None and r["gflops"] > 0 and r["passed"]
     assert "img/s" in report.format_table(rows)
+
+
+def test_model_flops_are_the_published_count_times_the_batch():
+    """LeViT-128S: 305 M multiply-adds an image at 224x224 (Graham et al. 2021, Table 1's "FLOPs")."""
+    entry = REGISTRY["levit_128s"]
+    one, eight = model_case("levit_128s", 1, (3, 224, 224)), model_case("levit_128s", 8, (3, 224, 224))
+    assert entry.flops(one) / 2 == pytest.approx(305e6, rel=0.005)
+    assert entry.flops(eight) == 8 * entry.flops(one)
+
+
+def test_gemm_floor_is_the_flops_at_the_faster_probe_reading_on_cpu_float32_only():
+    row = {"dtype": "float32", "flops": 4e9}
+    assert gemm_floor_ms(row, [100.0, 125.0], torch.device("cpu")) == pytest.approx(32.0)
+    assert gemm_floor_ms({**row, "dtype": "bfloat16"}, [125.0], torch.device("cpu")) is None
+    assert gemm_floor_ms({**row, "flops": None}, [125.0], torch.device("cpu")) is None
+    assert gemm_floor_ms(row, [125.0], torch.device("cuda")) is None
+    table_row = {"case": "c", "dtype": "float32", "impl": "eager", "median_ms": 40.0, "q1_ms": 39.0,
+                 "q3_ms": 41.0, "speedup_vs_eager": 1.0, "speedup_vs_compile": None, "gbps": None,
+                 "gflops": 100.0, "peak_memory_pct": None, "max_abs_error": 0.0, "tolerance": 1e-6,
+                 "passed": True}
+    assert "GEMM floor ms" not in report.format_table([table_row])
+    assert "32.0" in report.format_table([{**table_row, "gemm_floor_ms": 32.0}]).splitlines()[2]
 
 
 def test_unknown_name_lists_the_available_ops_and_models(tmp_path, capsys):

@@ -25,7 +25,7 @@ import datetime
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -223,7 +223,7 @@ def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, rep
             progress.end_case(what, "interrupted")
             continue
         speed = [speed_before, timing.machine_speed_gflops(device)]
-        case_rows = [{**row, "machine_gemm_gflops": speed}
+        case_rows = [{**row, "machine_gemm_gflops": speed, "gemm_floor_ms": gemm_floor_ms(row, speed, device)}
                      for row in runner.make_rows(prepared, timings, bandwidth.get("measured_gbps"),
                                                  bandwidth.get("datasheet_gbps"))]
         rows += case_rows
@@ -234,6 +234,16 @@ def run_op(op: str, device, dtypes, backend_names, quick: bool, warmup: int, rep
                           + f" (machine GEMM {speed[0]:.0f} -> {speed[1]:.0f} GFLOP/s)")
         del prepared  # the rotated inputs can be large
     return rows, skipped
+
+
+def gemm_floor_ms(row: dict, probe_gflops: Sequence[float], device: torch.device) -> Optional[float]:
+    """The time the row's FLOPs would take at the machine probe's float32 GEMM speed (the faster of
+    its two readings): a lower bound for a CPU float32 run whose work is matrix products, as a whole
+    model's is. None where it does not apply (no FLOP count, other dtypes, GPUs, whose 512^3 probe is
+    far from their peak)."""
+    if device.type != "cpu" or row["dtype"] != "float32" or not row.get("flops") or not probe_gflops:
+        return None
+    return row["flops"] / max(probe_gflops) / 1e6
 
 
 def _print_results(result: dict, json_path: Path, plot: bool) -> None:
@@ -297,7 +307,9 @@ def _benchmark_op(op: str, device: torch.device, backend_names, left_out, settin
                      "float64_check": "each variant's output on the first input, against float64 computed after "
                                       "the timing (its frees would change glibc's state for eager variants)",
                      "machine_probe": (f"rows' machine_gemm_gflops: a float32 {timing.PROBE_SIZE}^3 GEMM, best of "
-                                       f"{timing.PROBE_CALLS}, before and after the case")},
+                                       f"{timing.PROBE_CALLS}, before and after the case"),
+                     "gemm_floor": ("rows' gemm_floor_ms (CPU float32 rows with a FLOP count): flops at the faster "
+                                    "machine_gemm_gflops reading, a lower bound on the time")},
         "tolerance_rule": RULE,
         "rows": rows,
         "skipped": skipped,

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 COLUMNS = ("case", "dtype", "impl", "median ms", "IQR ms", "vs eager", "vs compile", "img/s", "GB/s",
-           "GFLOP/s", "% peak BW", "max err", "tol", "ok")
+           "GFLOP/s", "GEMM floor ms", "% peak BW", "max err", "tol", "ok")
 # Columns shown only when some row has a value: (column, row key).
-OPTIONAL_COLUMNS = (("img/s", "images_per_s"), ("% peak BW", "peak_memory_pct"))
+OPTIONAL_COLUMNS = (("img/s", "images_per_s"), ("GEMM floor ms", "gemm_floor_ms"), ("% peak BW", "peak_memory_pct"))
 
 
 def _number(value: Optional[float], fmt: str) -> str:
@@ -24,7 +24,7 @@ def _cells(row: dict) -> List[str]:
     return [row["case"], row["dtype"], row["impl"], f"{row['median_ms']:.3f}",
             f"{row['q1_ms']:.3f}-{row['q3_ms']:.3f}", _speedup(row["speedup_vs_eager"]),
             _speedup(row["speedup_vs_compile"]), _number(row.get("images_per_s"), ".1f"),
-            _number(row["gbps"], ".1f"), _number(row["gflops"], ".1f"),
+            _number(row["gbps"], ".1f"), _number(row["gflops"], ".1f"), _number(row.get("gemm_floor_ms"), ".1f"),
             _number(row["peak_memory_pct"], ".0f"),
             "non-finite" if row["max_abs_error"] is None else f"{row['max_abs_error']:.1e}",
             f"{row['tolerance']:.1e}", "pass" if row["passed"] else "FAIL"]

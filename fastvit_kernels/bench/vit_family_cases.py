@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import fastvit_kernels
-from .cases import Benchmark, Case, _batches, register
+from .cases import Benchmark, Case, _batches, model_flops, register
 
 # name -> (vit-pytorch module, class, constructor kwargs, input [C, H, W])
 _TINY = dict(image_size=224, patch_size=16, num_classes=1000, dim=192, depth=12, heads=3, mlp_dim=768)
@@ -96,7 +96,7 @@ def _vit_family_benchmark(name: str, module: str, cls: str, kwargs: dict, input_
 
     return Benchmark(name=name, summary=f"vit-pytorch {cls} vs fastvit_kernels.models.vit_family.{cls}",
                      cases=cases, build_module=build_module, make_input=make_input, fuse=fuse,
-                     min_bytes=lambda case, itemsize: None, flops=lambda case: None, in_quick_run=False,
+                     min_bytes=lambda case, itemsize: None, flops=model_flops(build_module), in_quick_run=False,
                      warmup=MODEL_WARMUP, repeats=MODEL_REPEATS, kind="model")
 
 
