@@ -126,6 +126,11 @@ def test_fold_is_cached_and_refreshed_whenever_weights_change():
     with torch.no_grad():
         fused[1].running_var.mul_(3)
     check()
+    # a parameter and a buffer replaced by new tensors (the fold reads them from the modules' dicts)
+    fused[0].weight = nn.Parameter(torch.randn_like(fused[0].weight))
+    check()
+    fused[1].running_mean = torch.randn_like(fused[1].running_mean)
+    check()
     # .double() / .half() / .float(): new tensors, possibly at reused addresses
     fused.double()
     x = x.double()
