@@ -242,6 +242,10 @@ def test_model_flops_are_the_published_count_times_the_batch():
     one, eight = model_case("levit_128s", 1, (3, 224, 224)), model_case("levit_128s", 8, (3, 224, 224))
     assert entry.flops(one) / 2 == pytest.approx(305e6, rel=0.005)
     assert entry.flops(eight) == 8 * entry.flops(one)
+    # counted per input size, not once per model name: a 64x64 image is ~1/16 of a 256x256 one
+    mobilevit = REGISTRY["mobilevit_xxs"]
+    large, small = (mobilevit.flops(model_case("mobilevit_xxs", 1, (3, s, s))) for s in (256, 64))
+    assert 12 < large / small < 20
 
 
 def test_gemm_floor_is_the_flops_at_the_faster_probe_reading_on_cpu_float32_only():

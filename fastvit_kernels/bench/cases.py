@@ -612,18 +612,18 @@ def model_flops(build_module: Callable[[Case], nn.Module]) -> Callable[[Case], i
     linears, attention's two products) at 2 per multiply-add; elementwise work is not counted.
     Counted once per model on one image on the CPU (the count is linear in the batch). LeViT-128S:
     609 M an image, the 305 M multiply-adds the LeViT paper lists as its FLOPs."""
-    per_image: Dict[str, int] = {}
+    per_image: Dict[tuple, int] = {}
 
     def flops(case: Case) -> int:
-        name = case.params["model"]
-        if name not in per_image:
+        key = (case.params["model"], tuple(case.params["input_size"]))
+        if key not in per_image:
             from torch.utils.flop_counter import FlopCounterMode
 
             module = build_module(case)
             with torch.inference_mode(), FlopCounterMode(display=False) as counter:
                 module(torch.zeros(1, *case.params["input_size"]))
-            per_image[name] = counter.get_total_flops()
-        return case.params["batch"] * per_image[name]
+            per_image[key] = counter.get_total_flops()
+        return case.params["batch"] * per_image[key]
 
     return flops
 
