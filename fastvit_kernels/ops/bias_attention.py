@@ -170,10 +170,9 @@ def attention_probs(q: Tensor, k: Tensor, bias: Tensor, scale: float) -> Tensor:
     return torch.softmax((q @ k.transpose(-1, -2)) * scale + bias, dim=-1)
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
-    """Probabilities ``softmax(scale q k^T + bias)`` and the output ``P v`` (before the activation)."""
-    probs = attention_probs(q, k, bias, scale)
-    return probs, probs @ v
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """The output ``softmax(scale q k^T + bias) v`` (before the activation)."""
+    return attention_probs(q, k, bias, scale) @ v
 
 
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, grad_y: Tensor, scale: float,
@@ -224,7 +223,7 @@ def reference(q: Tensor, k: Tensor, v: Tensor, table: Tensor, resolution: Tuple[
     """The specification: the bias materialised by index, attention in the accumulation dtype."""
     acc = accumulation_dtype(q.dtype)
     bias = table.to(acc)[:, bias_index(resolution, stride, q.device)]  # [heads, Nq, Nk]
-    o = attention_forward(q.to(acc), k.to(acc), v.to(acc), bias, scale)[1]
+    o = attention_forward(q.to(acc), k.to(acc), v.to(acc), bias, scale)
     if act == ACTIVATIONS["hardswish"]:
         o = hardswish(o)
     out.copy_(merge_heads(o))

@@ -143,10 +143,9 @@ def attention_probs(q: Tensor, k: Tensor, scale: float) -> Tensor:
     return torch.softmax(scale * (q @ k.transpose(-1, -2)), dim=-1)
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
-    """Probabilities ``softmax(scale q k^T)`` and output ``P v`` for ``[S, heads, N, d]`` inputs."""
-    probs = attention_probs(q, k, scale)
-    return probs, probs @ v
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """The output ``softmax(scale q k^T) v`` for ``[S, heads, N, d]`` inputs."""
+    return attention_probs(q, k, scale) @ v
 
 
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, scale: float
@@ -198,7 +197,7 @@ def out_view(out: Tensor, num_heads: int) -> Tensor:
 def reference(qkv: Tensor, num_heads: int, patch_size: Tuple[int, int], scale: float, out: Tensor) -> None:
     """The specification: gather to ``[B*P, heads, N, d]``, attention in the accumulation dtype, scatter."""
     q, k, v = split_heads(to_sequences(qkv.to(accumulation_dtype(qkv.dtype)), patch_size), 3, num_heads)
-    o = attention_forward(q, k, v, scale)[1]
+    o = attention_forward(q, k, v, scale)
     out.copy_(from_sequences(merge_heads(o[None]), qkv.shape[:3], patch_size))
 
 
@@ -383,7 +382,7 @@ def new_cross_output(q: Tensor, v: Tensor) -> Tensor:
 def cross_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor) -> None:
     """The specification: attention in the accumulation dtype on the ``[B, heads, N, d]`` views."""
     acc = accumulation_dtype(q.dtype)
-    o = attention_forward(q.to(acc), k.to(acc), v.to(acc), scale)[1]  # [B, heads, Nq, dv]
+    o = attention_forward(q.to(acc), k.to(acc), v.to(acc), scale)  # [B, heads, Nq, dv]
     out.copy_(o.transpose(1, 2).reshape(out.shape))
 
 
