@@ -68,10 +68,9 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
     their own tensors)."""
     # is_compiling first: _cache() may import the extension, which dynamo cannot trace.
     ext = _cache() if device.type == "cpu" and not torch.compiler.is_compiling() else None
-    if (ext is None or torch._C._len_torch_dispatch_stack() > 0
-            or not all(type(s) is int for s in shape) or _plain_memory_wanted()):
+    if ext is None or torch._C._len_torch_dispatch_stack() > 0 or not all(type(s) is int for s in shape):
         return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-    return ext.cpu_cached_empty(list(shape), dtype, memory_format)
+    return _cached_empty(ext, shape, dtype, memory_format)
 
 
 def cpu_cache_stats() -> CpuCacheStats:
