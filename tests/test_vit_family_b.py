@@ -103,14 +103,15 @@ def randomize_batchnorms(model: nn.Module) -> nn.Module:
     return model
 
 
-def assert_parameter_grads_close(ours, ref64, ref, what):
+def assert_parameter_grads_close(ours, ref64, refs, what):
     """DESIGN.md's rule per parameter gradient, with the floor scaled by the model's largest gradient:
-    gradients that cancel to ~0 (a LayerNorm bias before a single-key attention) are float32 noise."""
+    gradients that cancel to ~0 (a LayerNorm bias before a single-key attention) are float32 noise.
+    ``refs``: float32 reference models (one per memory layout); the baseline is the worst of them."""
     scale = max(p.grad.abs().max().item() for p in ref64.parameters())
     for pname, p in ours.named_parameters():
-        g64, g32 = ref64.get_parameter(pname).grad, ref.get_parameter(pname).grad
+        g64 = ref64.get_parameter(pname).grad
         err = (p.grad.double() - g64).abs().max().item()
-        base = (g32.double() - g64).abs().max().item()
+        base = max((ref.get_parameter(pname).grad.double() - g64).abs().max().item() for ref in refs)
         assert err <= 2 * base + 1e-5 * max(1.0, scale), f"{what} {pname}.grad: max error {err:.3g}, PyTorch {base:.3g}"
 
 
@@ -157,7 +158,7 @@ def test_training_matches_vit_pytorch(name, backend):
     skip_unless_runs(case, backend)
     ours, ref = build(case)
     ours.train(), ref.train()
-    ref64 = copy.deepcopy(ref).double()
+    ref64, ref_cl = copy.deepcopy(ref).double(), copy.deepcopy(ref)
     x = images(case)
     x_ours, x_ref, x64 = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
     out, out_ref, out64 = run(ours, x_ours, backend), ref(x_ref), ref64(x64)
@@ -167,8 +168,14 @@ def test_training_matches_vit_pytorch(name, backend):
         out.backward(grad)
     out_ref.backward(grad)
     out64.backward(grad.double())
-    assert_close(x_ours.grad, x64.grad, x_ref.grad, f"{name} {backend} input gradient")
-    assert_parameter_grads_close(ours, ref64, ref, f"{name} {backend}")
+    # Ours runs its convs channels_last; PyTorch's own float32 gradients are less exact in that layout
+    # (vit-pytorch's LeViT on an AVX-512 EPYC: input gradient 2-8x the NCHW error over six seeds), so
+    # the baseline is the worse of the reference's two layouts.
+    x_cl = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    ref_cl(x_cl).backward(grad)
+    worse = max((x_ref.grad, x_cl.grad), key=lambda g: (g.double() - x64.grad).abs().max().item())
+    assert_close(x_ours.grad, x64.grad, worse, f"{name} {backend} input gradient")
+    assert_parameter_grads_close(ours, ref64, (ref, ref_cl), f"{name} {backend}")
     for bname, buf in ours.named_buffers():  # BatchNorm running statistics (CvT)
         torch.testing.assert_close(buf, ref.get_buffer(bname), msg=bname)
 
