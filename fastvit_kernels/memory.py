@@ -18,6 +18,7 @@ up to a limit (1 GiB, ``set_cpu_cache_limit``) and returned to the OS by ``empty
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple, Optional, Sequence
 
@@ -29,6 +30,8 @@ from torch import Tensor
 from . import backends
 
 ENV_VAR = "FASTVIT_KERNELS_CPU_CACHE"
+# "onednn" or "mkl" (torch's own addmm) for float32 Linears in CPU inference; unset or "auto": see onednn_gemm.
+GEMM_ENV_VAR = "FASTVIT_KERNELS_CPU_GEMM"
 FUSED_MLP_ENV_VAR = "FASTVIT_KERNELS_FUSED_MLP"  # "0": never take fused_mlp (for A/B measurements)
 
 # Activations the fused MLP kernel computes, by module type, and its code for them (csrc/cpu/fused_mlp.cpp).
@@ -131,11 +134,48 @@ def plain(module: nn.Module, kind: type) -> bool:
             and not (m._global_forward_hooks or m._global_forward_pre_hooks))
 
 
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_gemm_auto() -> bool:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    # MKL's sgemm (torch's addmm) takes its AVX-512 kernels on Intel CPUs only; elsewhere it runs AVX2.
+    # On an AVX-512 AMD EPYC (Zen 5, 2 threads; README "CPU GEMMs: oneDNN") oneDNN's float32 inner
+    # product ran LeViT's and EdgeNeXt's shapes 1.3-2.0x as fast as addmm; limited to AVX2
+    # (ONEDNN_MAX_CPU_ISA=AVX2) it was 0.82-1.07x, so AVX2 machines keep addmm. Intel is unmeasured.
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and _cpu_vendor() != "GenuineIntel"
+
+
+def onednn_gemm() -> bool:
+    """Whether float32 Linears in CPU inference run on oneDNN (``torch.ops.mkldnn._linear_pointwise``)
+    instead of ``addmm``: where ``FASTVIT_KERNELS_CPU_GEMM`` says so (``onednn`` / ``mkl``), else on
+    AVX-512 CPUs that are not Intel's."""
+    choice = os.environ.get(GEMM_ENV_VAR, "auto")
+    if choice == "auto":
+        return _onednn_gemm_auto()
+    if choice not in ("onednn", "mkl"):
+        raise ValueError(f"{GEMM_ENV_VAR}={choice!r}; supported: auto, onednn, mkl")
+    return choice == "onednn" and torch.backends.mkldnn.is_available()
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(x, weight, bias)``; in CPU inference, into a cached buffer."""
+    """``F.linear(x, weight, bias)``; in CPU inference, into a cached buffer, or float32 on oneDNN
+    (:func:`onednn_gemm`), whose output is a plain new tensor (it has no ``out=``)."""
     ext = into_cache(x, weight, bias)
     if not ext:
         return F.linear(x, weight, bias)
+    if x.dtype == torch.float32 and onednn_gemm():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     out = _cached_empty(ext, x.shape[:-1] + weight.shape[:1], x.dtype)
     x2d, out2d = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
     if bias is None:

@@ -262,6 +262,18 @@ def test_gemm_floor_is_the_flops_at_the_faster_probe_reading_on_cpu_float32_only
     assert "32.0" in report.format_table([{**table_row, "gemm_floor_ms": 32.0}]).splitlines()[2]
 
 
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
+def test_cpu_probe_times_the_gemm_the_linears_take(monkeypatch, gemm):
+    from fastvit_kernels.bench import timing
+
+    if gemm == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setenv("FASTVIT_KERNELS_CPU_GEMM", gemm)
+    expected = "oneDNN inner product" if gemm == "onednn" else "torch.mm"
+    assert timing.probe_gemm_name(torch.device("cpu")) == expected
+    assert 0 < timing.machine_speed_gflops(torch.device("cpu")) < math.inf
+
+
 def test_unknown_name_lists_the_available_ops_and_models(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--op", "mobilevit_xxl", "--out", str(tmp_path)])

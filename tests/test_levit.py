@@ -172,7 +172,8 @@ def test_model_compiles_without_graph_breaks():
     x = make_input((1, 3, 224, 224), torch.float32)
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), ours(x), rtol=1e-4, atol=1e-5)
+        # compiled Linears run on torch's addmm, eager ones may run on oneDNN: both against float64
+        assert_close(compiled(x), copy.deepcopy(ours).double()(x.double()), ours(x), "compiled")
 
 
 def test_patch_swaps_timm_levit():

@@ -139,6 +139,42 @@ def test_linear_matches_f_linear(dtype, shape, bias):
     torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias).detach())
 
 
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
+@pytest.mark.parametrize("shape", [(7, 24), (2, 9, 24), (0, 24), (1, 24)])
+def test_float32_linear_on_each_cpu_gemm_matches_float64(monkeypatch, gemm, shape):
+    if gemm == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setenv(memory.GEMM_ENV_VAR, gemm)
+    assert memory.onednn_gemm() == (gemm == "onednn")
+    w, b = torch.randn(40, 24), torch.randn(40)
+    x = torch.randn(shape)
+    strided = torch.randn(shape[:-1] + (48,))[..., ::2]
+    for inp, bias in ((x, b), (strided, b), (x, None)):
+        with torch.inference_mode():
+            out = memory.linear(inp, w, bias)
+        ref = F.linear(inp.double(), w.double(), None if bias is None else bias.double())
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_gemm_choice(monkeypatch):
+    monkeypatch.setenv(memory.GEMM_ENV_VAR, "mkl")
+    assert not memory.onednn_gemm()
+    monkeypatch.setenv(memory.GEMM_ENV_VAR, "blas")
+    with pytest.raises(ValueError, match="FASTVIT_KERNELS_CPU_GEMM='blas'; supported: auto, onednn, mkl"):
+        memory.onednn_gemm()
+    monkeypatch.delenv(memory.GEMM_ENV_VAR)
+    for capability, vendor, expected in (("AVX512", "AuthenticAMD", True), ("AVX2", "AuthenticAMD", False),
+                                         ("AVX512", "GenuineIntel", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(memory, "_cpu_vendor", lambda: vendor)
+        memory._onednn_gemm_auto.cache_clear()
+        try:
+            assert memory.onednn_gemm() == (expected and torch.backends.mkldnn.is_available())
+        finally:
+            memory._onednn_gemm_auto.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_layer_norm_and_channels_last_match_pytorch(dtype):
     norm = nn.LayerNorm(40, eps=1e-6).to(dtype)
@@ -235,8 +271,12 @@ def test_crossvit_packed_qkv_weight_follows_weight_updates():
     assert not torch.allclose(first, second) and not torch.allclose(second, third)
 
 
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
 @pytest.mark.parametrize("stride,bias,padding", [(1, True, 0), (2, False, 0), (1, True, "same"), (1, True, 1)])
-def test_pointwise_conv_matches_the_conv(stride, bias, padding):
+def test_pointwise_conv_matches_the_conv(monkeypatch, gemm, stride, bias, padding):
+    if gemm == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setenv(memory.GEMM_ENV_VAR, gemm)
     torch.manual_seed(0)
     conv = nn.Conv2d(24, 40, 1, stride=stride, bias=bias, padding=padding).eval()
     x = torch.randn(4, 24, 40, 32)  # outputs over the 128 KiB below which blocks are not cached
@@ -246,7 +286,8 @@ def test_pointwise_conv_matches_the_conv(stride, bias, padding):
             out = memory.pointwise_conv(conv, inp)
             torch.testing.assert_close(out, conv(inp))
             if inp.is_contiguous(memory_format=torch.channels_last) and padding != 1:
-                assert out.is_contiguous(memory_format=torch.channels_last) and _live() > before
+                assert out.is_contiguous(memory_format=torch.channels_last)
+                assert (_live() > before) == (gemm == "mkl")  # oneDNN has no out=: a plain new tensor
         del out
     w, b = torch.randn(40, 24, 1, 1), torch.randn(40)  # explicit (e.g. folded) weight and bias
     with torch.no_grad():

@@ -306,8 +306,9 @@ def _benchmark_op(op: str, device: torch.device, backend_names, left_out, settin
                      "torch_compile": "torch.compile(eager), default mode, compile time excluded",
                      "float64_check": "each variant's output on the first input, against float64 computed after "
                                       "the timing (its frees would change glibc's state for eager variants)",
-                     "machine_probe": (f"rows' machine_gemm_gflops: a float32 {timing.PROBE_SIZE}^3 GEMM, best of "
-                                       f"{timing.PROBE_CALLS}, before and after the case"),
+                     "machine_probe": (f"rows' machine_gemm_gflops: a float32 {timing.PROBE_SIZE}^3 GEMM "
+                                       f"({timing.probe_gemm_name(device)}), best of {timing.PROBE_CALLS}, "
+                                       "before and after the case"),
                      "gemm_floor": ("rows' gemm_floor_ms (CPU float32 rows with a FLOP count): flops at the faster "
                                     "machine_gemm_gflops reading, a lower bound on the time")},
         "tolerance_rule": RULE,

@@ -182,7 +182,7 @@ class Levit(nn.Module):
             logits, logits_dist = self.head(x), self.head_dist(x)
             return (logits, logits_dist) if self.distilled_training and self.training else (logits + logits_dist) / 2
         weight, bias = self._merged_head()
-        return F.linear(x, weight.to(x.dtype), bias.to(x.dtype))
+        return memory.linear(x, weight.to(x.dtype), bias.to(x.dtype))
 
     def _merged_head(self) -> Tuple[Tensor, Tensor]:
         """(W, b) of ``(head(x) + head_dist(x)) / 2`` at eval, cached like ``BatchNormFold``."""

@@ -139,7 +139,7 @@ class FourierPositionalEncoding(nn.Module):
     def forward(self, H: int, W: int) -> Tensor:
         weight = self.token_projection.weight
         feats = self.features(H, W, weight.device).to(weight.dtype)
-        return F.linear(feats, weight.flatten(1), self.token_projection.bias)[None]
+        return memory.linear(feats, weight.flatten(1), self.token_projection.bias)[None]
 
     def _apply(self, fn, recurse=True):
         self._features.clear()

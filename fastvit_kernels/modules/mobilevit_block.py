@@ -102,7 +102,7 @@ class FusedMobileViTBlock(nn.Module):
         shortcut = x
         y = self.conv_kxk(memory.channels_last(x))
         # A channels_last map is already [B, H, W, C] rows: the 1x1 conv is a Linear on them.
-        tokens = F.linear(y.permute(0, 2, 3, 1), self.conv_1x1.weight.flatten(1))
+        tokens = memory.linear(y.permute(0, 2, 3, 1), self.conv_1x1.weight.flatten(1))
         B, H, W, _ = tokens.shape
         ph, pw = self.patch_size
         new_h, new_w = math.ceil(H / ph) * ph, math.ceil(W / pw) * pw
