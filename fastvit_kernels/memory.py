@@ -32,7 +32,10 @@ from . import backends
 ENV_VAR = "FASTVIT_KERNELS_CPU_CACHE"
 # "onednn" or "mkl" (torch's own addmm) for float32 Linears in CPU inference; unset or "auto": see onednn_gemm.
 GEMM_ENV_VAR = "FASTVIT_KERNELS_CPU_GEMM"
-FUSED_MLP_ENV_VAR = "FASTVIT_KERNELS_FUSED_MLP"  # "0": never take fused_mlp (for A/B measurements)
+# "0": never take fused_mlp, "1": wherever it applies; unset or "auto": where it applies and the
+# Linears are not on oneDNN (on the AVX-512 EPYC, EdgeNeXt-XXS / -S at batch 8 ran 22.4 / 70.3 ms with
+# oneDNN's Linears against 28.6 / 98.1 with the kernel's AVX2 tiles, README "CPU GEMMs: oneDNN").
+FUSED_MLP_ENV_VAR = "FASTVIT_KERNELS_FUSED_MLP"
 
 # Activations the fused MLP kernel computes, by module type, and its code for them (csrc/cpu/fused_mlp.cpp).
 FUSED_MLP_ACTIVATIONS = {nn.Identity: 0, nn.GELU: 1, nn.Hardswish: 2, nn.SiLU: 3}
@@ -237,19 +240,27 @@ def run_layer_norm(module: nn.Module, x: Tensor) -> Tensor:
     return layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
+def _fused_mlp_wanted() -> bool:
+    choice = os.environ.get(FUSED_MLP_ENV_VAR, "auto")
+    if choice not in ("auto", "0", "1"):
+        raise ValueError(f"{FUSED_MLP_ENV_VAR}={choice!r}; supported: auto, 0, 1")
+    return choice == "1" or (choice == "auto" and not onednn_gemm())
+
+
 def fused_mlp(x: Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module, gamma: Optional[Tensor] = None,
               residual: Optional[Tensor] = None, norm: Optional[nn.Module] = None) -> Optional[Tensor]:
     """``residual + gamma * fc2(act(fc1(norm(x))))`` (each of ``residual``, ``gamma``, ``norm`` when
     given; ``norm`` a LayerNorm over the channels) in one CPU kernel that keeps the hidden activation in
     cache (csrc/cpu/fused_mlp.cpp) after the LayerNorm, or None where it does not apply (checked before
-    anything runs): float32 eager inference of plain ``nn.Linear`` layers (``fc2`` back to ``x``'s width) with
-    GELU (exact), SiLU, Hardswish or no activation, at least ``FUSED_MLP_MIN_ROWS`` rows of at most
-    ``FUSED_MLP_MAX_WIDTH`` channels, ``residual`` shaped as the output with contiguous channels. The
-    caller then runs the layers itself. Equivalent PyTorch::
+    anything runs): wanted (``FASTVIT_KERNELS_FUSED_MLP``; by default where the Linears are not on
+    oneDNN, whose AVX-512 products beat the kernel's AVX2 tiles), float32 eager inference of plain
+    ``nn.Linear`` layers (``fc2`` back to ``x``'s width) with GELU (exact), SiLU, Hardswish or no
+    activation, at least ``FUSED_MLP_MIN_ROWS`` rows of at most ``FUSED_MLP_MAX_WIDTH`` channels,
+    ``residual`` shaped as the output with contiguous channels. The caller then runs the layers itself. Equivalent PyTorch::
 
         out = residual + gamma * fc2(act(fc1(norm(x))))
     """
-    if x.dtype != torch.float32 or os.environ.get(FUSED_MLP_ENV_VAR, "1") == "0":
+    if x.dtype != torch.float32 or not _fused_mlp_wanted():
         return None
     code = FUSED_MLP_ACTIVATIONS.get(type(act))
     if code is None or not plain(act, type(act)) or getattr(act, "approximate", "none") != "none":

@@ -124,6 +124,26 @@ def test_kernel_checks_its_arguments():
 # ---- memory.fused_mlp: when it is taken ------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _wanted(monkeypatch):
+    """The kernel asked for (by default it stands aside where the Linears run on oneDNN)."""
+    monkeypatch.setenv(memory.FUSED_MLP_ENV_VAR, "1")
+
+
+def test_by_default_it_stands_aside_for_onednn_linears(monkeypatch):
+    mlp = _mlp()
+    big = torch.randn(memory.FUSED_MLP_MIN_ROWS, 24)
+    monkeypatch.delenv(memory.FUSED_MLP_ENV_VAR)
+    with torch.inference_mode():
+        monkeypatch.setenv(memory.GEMM_ENV_VAR, "mkl")
+        assert mlp.residual_forward(big) is not None
+        monkeypatch.setenv(memory.GEMM_ENV_VAR, "onednn")
+        assert (mlp.residual_forward(big) is None) == memory.onednn_gemm()
+        monkeypatch.setenv(memory.FUSED_MLP_ENV_VAR, "yes")
+        with pytest.raises(ValueError, match="FASTVIT_KERNELS_FUSED_MLP='yes'; supported: auto, 0, 1"):
+            mlp.residual_forward(big)
+
+
 def _mlp(C=24, act=nn.GELU):
     torch.manual_seed(0)
     mlp = Mlp(C, 4 * C, act).eval()
