@@ -162,7 +162,10 @@ def _onednn_gemm_auto() -> bool:
 def onednn_gemm() -> bool:
     """Whether float32 Linears in CPU inference run on oneDNN (``torch.ops.mkldnn._linear_pointwise``)
     instead of ``addmm``: where ``FASTVIT_KERNELS_CPU_GEMM`` says so (``onednn`` / ``mkl``), else on
-    AVX-512 CPUs that are not Intel's."""
+    AVX-512 CPUs that are not Intel's. False while torch.compile traces (the graph has F.linear; the
+    checks below cannot be traced)."""
+    if torch.compiler.is_compiling():
+        return False
     choice = os.environ.get(GEMM_ENV_VAR, "auto")
     if choice == "auto":
         return _onednn_gemm_auto()
@@ -256,7 +259,8 @@ def fused_mlp(x: Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module, gamma: 
     oneDNN, whose AVX-512 products beat the kernel's AVX2 tiles), float32 eager inference of plain
     ``nn.Linear`` layers (``fc2`` back to ``x``'s width) with GELU (exact), SiLU, Hardswish or no
     activation, at least ``FUSED_MLP_MIN_ROWS`` rows of at most ``FUSED_MLP_MAX_WIDTH`` channels,
-    ``residual`` shaped as the output with contiguous channels. The caller then runs the layers itself. Equivalent PyTorch::
+    ``residual`` shaped as the output with contiguous channels. The caller then runs the layers
+    itself. Equivalent PyTorch::
 
         out = residual + gamma * fc2(act(fc1(norm(x))))
     """

@@ -262,6 +262,12 @@ def test_gemm_floor_is_the_flops_at_the_faster_probe_reading_on_cpu_float32_only
     assert "32.0" in report.format_table([{**table_row, "gemm_floor_ms": 32.0}]).splitlines()[2]
 
 
+def test_cpu_name_carries_the_vector_isa():
+    from fastvit_kernels.bench.environment import cpu_name
+
+    assert cpu_name().endswith(f"{torch.backends.cpu.get_cpu_capability()})")
+
+
 @pytest.mark.parametrize("gemm", ["mkl", "onednn"])
 def test_cpu_probe_times_the_gemm_the_linears_take(monkeypatch, gemm):
     from fastvit_kernels.bench import timing

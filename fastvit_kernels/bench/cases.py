@@ -551,6 +551,59 @@ register(Benchmark(
 
 
 # --------------------------------------------------------------------------------------------------
+# linear: a float32 inference Linear on tokens. Eager is nn.Linear (addmm: MKL's sgemm on x86); ours,
+# memory.run_linear, the path every module's Linear takes (oneDNN's inner product where
+# memory.onednn_gemm() picks it, addmm into a cached buffer elsewhere).
+# --------------------------------------------------------------------------------------------------
+
+# (name, rows at batch 1, in, out): LeViT's and EdgeNeXt's layer shapes.
+LINEAR_SHAPES = (("LeViT-128S s1 qkv", 196, 128, 256), ("LeViT-128S s1 mlp.ln2", 196, 256, 128),
+                 ("LeViT-128S s2 mlp.ln1", 49, 256, 512), ("LeViT-128S s3 mlp.ln1", 16, 384, 768),
+                 ("LeViT-256 s1 mlp.ln1", 196, 256, 512), ("EdgeNeXt-S s1 fc1", 4096, 48, 192))
+LINEAR_BATCHES = {"cpu": (8,), "cuda": (8,)}
+
+
+def _linear_cases(quick: bool, device: Optional[torch.device] = None) -> List[Case]:
+    cases = [Case("linear", f"{name} {batch * rows}x{k}->{n}", {"rows": batch * rows, "in": k, "out": n})
+             for batch in _batches(LINEAR_BATCHES, device) for name, rows, k, n in LINEAR_SHAPES]
+    return cases[:1] if quick else cases
+
+
+class InferenceLinear(nn.Module):
+    """Ours, sharing the eager Linear's parameters: ``memory.run_linear``."""
+
+    def __init__(self, module: nn.Linear):
+        super().__init__()
+        self.linear = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        from fastvit_kernels import memory
+
+        return memory.run_linear(self.linear, x)
+
+
+def _random_linear(case: Case) -> nn.Linear:
+    linear = nn.Linear(case.params["in"], case.params["out"]).eval()
+    with torch.no_grad():
+        linear.bias.normal_(0.0, 0.1)
+    return linear
+
+
+register(Benchmark(
+    name="linear",
+    summary="float32 inference Linear on [rows, in] tokens (LeViT / EdgeNeXt shapes); eager = nn.Linear",
+    cases=_linear_cases,
+    build_module=_random_linear,
+    make_input=lambda case, dtype, device: torch.randn(case.params["rows"], case.params["in"], device=device).to(dtype),
+    fuse=lambda module: InferenceLinear(module).eval(),
+    min_bytes=lambda case, itemsize: (case.params["rows"] * (case.params["in"] + case.params["out"])
+                                      + case.params["out"] * (case.params["in"] + 1)) * itemsize,
+    flops=lambda case: 2 * case.params["rows"] * case.params["in"] * case.params["out"],
+    in_quick_run=False,
+))
+
+
+# --------------------------------------------------------------------------------------------------
 # Whole models: timm's model (eager) against ``fastvit_kernels.models.create_model`` of the same name
 # with the same weights. A new model is one more row of MODEL_BENCHMARKS.
 # --------------------------------------------------------------------------------------------------

@@ -14,14 +14,26 @@ from .bandwidth import datasheet_memory_bandwidth
 
 
 def cpu_name() -> str:
+    """The CPU's model name, with its family / model numbers and the vector ISA ATen runs when
+    /proc/cpuinfo has them: a VM may report a bare "AMD EPYC" for CPUs generations apart (this
+    project's CI machine was a Zen 3 with AVX2 and later a Zen 5 with AVX-512 under that name)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break  # the first processor's block is enough
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    details = [torch.backends.cpu.get_cpu_capability()]
+    if "cpu family" in fields and "model" in fields:
+        details.insert(0, f"family {fields['cpu family']} model {fields['model']}")
+    return f"{name} ({', '.join(details)})"
 
 
 def available_cpu_threads() -> int:
