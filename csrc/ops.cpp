@@ -9,6 +9,7 @@
 
 #include <cmath>
 
+#include "cpu/simd.h"
 #include "cpu_cache.h"
 
 namespace fastvit_kernels {
@@ -551,6 +552,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_cache_stats", &fastvit_kernels::cpu_cache_stats,
         "(bytes in live tensors from the CPU cache, bytes cached idle, idle limit).");
   m.def("cpu_cache_release", &fastvit_kernels::cpu_cache_release, "Returns the idle cached blocks to the OS.");
+  m.def("cpu_has_avx512", &fastvit_kernels::cpu_has_avx512,
+        "Whether CPU kernels with an AVX-512 variant take it (an x86-64-v4 CPU, FASTVIT_KERNELS_CPU_AVX512 not 0).");
   m.def("cpu_cache_set_limit", &fastvit_kernels::cpu_cache_set_limit, pybind11::arg("bytes"),
         "Idle blocks beyond this many bytes are freed instead of cached.");
   m.def("fused_mlp", &fastvit_kernels::fused_mlp_cpu, pybind11::arg("x"), pybind11::arg("w1"), pybind11::arg("b1"),

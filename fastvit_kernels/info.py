@@ -28,11 +28,24 @@ def collect() -> dict:
         "TRITON_INTERPRET": backends.triton_interpreting(),
         "cuda device": cuda_device,
         "extension built with CUDA": bool(ext and ext.has_cuda()),
+        # bias_attention's CPU kernel in 64-byte vectors (csrc/cpu/simd.h); None without the extension
+        "cpu kernels use AVX-512": bool(ext.cpu_has_avx512()) if ext is not None else None,
+        # float32 inference Linears on oneDNN instead of addmm (memory.onednn_gemm)
+        "cpu Linears on oneDNN": _onednn_gemm(),
         "requested backend": os.environ.get(backends.ENV_VAR) or "automatic",
         "backends": {name: backends.load_error(name) or "available" for name in backends.BACKENDS},
         "ops": implementations(),
         "head-dim limits": head_dim_limits(),
     }
+
+
+def _onednn_gemm():
+    from . import memory
+
+    try:
+        return memory.onednn_gemm()
+    except ValueError as error:  # a bad FASTVIT_KERNELS_CPU_GEMM: say so instead of failing the report
+        return str(error)
 
 
 def head_dim_limits() -> dict:

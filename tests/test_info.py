@@ -27,6 +27,10 @@ def test_info_lists_versions_and_every_backend():
     assert re.search(r"^\s*dwconv_bn_act: triton, cuda, cpu, reference$", out, re.M), out
     assert re.search(r"^\s*patch_attention: triton, cuda, cpu, reference$", out, re.M), out
     assert re.search(r"^\s*bias_attention: triton, cuda, cpu, reference$", out, re.M), out
+    ext = backends.extension()
+    avx512 = ext is not None and ext.cpu_has_avx512()
+    assert re.search(rf"^\s*cpu kernels use AVX-512: {avx512 if ext is not None else None}$", out, re.M), out
+    assert re.search(r"^\s*cpu Linears on oneDNN: (True|False)$", out, re.M), out
 
 
 def test_cpu_extension_is_built_by_the_install():

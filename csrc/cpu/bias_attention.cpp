@@ -3,23 +3,24 @@
 //
 // A parallel task is a range of work items (image, head, block of kQueryBlock queries). For each
 // (image, head) it meets, a task gathers that head's keys and values once into acc_t buffers: K
-// transposed [dk, Np] and V [Nk, dvp], zero-padded to multiples of kPad keys / channels (float32 values
-// with contiguous channels, a multiple of kPad, are read in place instead); and the
+// transposed [dk, Np] and V [Nk, dvp], zero-padded to whole vectors of keys / channels (float32 values
+// with contiguous channels, a whole number of vectors, are read in place instead); and the
 // head's bias table "mirrored" [R_h, 2 R_w - 1], row dy holding table[h, dy * R_w + |t|] for
 // t = -(R_w - 1) .. R_w - 1. A query at (qy, qx) sees the keys of grid row ky with the biases
 // mirrored[|qy - ky|][R_w - 1 - qx + kx], kx = 0 .. R_w - 1: a contiguous run, so each query's bias
 // row is R_h copies, not Nk gathers. Then, per tile of kRows query rows (the tile's queries gathered
 // into [kRows, dk]):
 //   1. S[kRows, Np] is filled with the bias rows (-inf for the padded keys, which then drop out of
-//      the softmax), and score_tile adds scale * Q K^T in register tiles of kRows x kCols vectors of
+//      the softmax), and attend_tile adds scale * Q K^T in register tiles of kRows x kCols vectors of
 //      keys: each K vector load feeds kRows multiply-adds, each query broadcast kCols, which is what
 //      makes this compute-bound instead of bound by loads (a per-row loop does one load per
 //      multiply-add). Each dot product is summed over channels in ascending order from zero, as
 //      bias_attention_dot does;
 //   2. per row, the softmax as one block of the header's online softmax: the row max, then in one pass
 //      the weights p_j = e^(s_j - max) and their sum (simd.h's softmax_row);
-//   3. out[kRows, dv] = act(P V / sum) in register tiles of kRows x kCols vectors of channels
-//      (value_tile), the activation at the store.
+//   3. out[kRows, dv] = act(P V / sum) in register tiles of kRows x kCols vectors of channels, the
+//      activation at the store.
+// Steps 1-3 run in 64-byte vectors on CPUs with AVX-512 (simd.h's cpu_has_avx512), else in 32-byte ones.
 // Queries whose channels are not contiguous (q channel stride != 1, e.g. timm's use_conv layout) take
 // the CUDA kernel's per-row function, bias_attention_row, instead: that keeps the CUDA math under the
 // CPU tests.
@@ -51,19 +52,20 @@ constexpr int64_t kQueryBlock = 36;
 // loops along the wrong axis.
 constexpr int64_t kRows = 6;
 constexpr int kCols = 2;
-constexpr int64_t kPad = 8;  // keys and channels are padded to a multiple of this (of every vector width)
+// Keys and channels are padded to a multiple of this (of every 32-byte vector's lanes), or twice it on
+// the AVX-512 path (of every 64-byte vector's).
+constexpr int64_t kPad = 8;
 static_assert(kQueryBlock % kRows == 0, "a query block is whole tiles");
 
 // The tiles' inner loops, inlined into the multiversioned functions below (an always_inline callee
 // takes its caller's target, so it is compiled for AVX2 in the x86-64-v3 clone).
 #define FVK_INLINE inline __attribute__((always_inline))
 
-// s[r, j0 + j] += scale * sum_e q[r, e] kt[e, j0 + j] for the NV vectors of keys from j0.
-template <int NV, typename acc_t>
+// s[r, j0 + j] += scale * sum_e q[r, e] kt[e, j0 + j] for the NV vectors (type V) of keys from j0.
+template <int NV, typename V, typename acc_t>
 FVK_INLINE void score_block(const acc_t* __restrict q, const acc_t* __restrict kt, int64_t Np, int64_t dk,
                             acc_t scale, acc_t* __restrict s, int64_t j0) {
-  using V = vec_t<acc_t>;
-  constexpr int64_t L = kLanes<acc_t>;
+  constexpr int64_t L = lanes_of<V, acc_t>;
   V c[kRows][NV] = {};
   tile_accumulate<kRows, NV>(c, q, dk, kt + j0, Np, 0, dk);
 #pragma GCC unroll 6
@@ -71,52 +73,62 @@ FVK_INLINE void score_block(const acc_t* __restrict q, const acc_t* __restrict k
 #pragma GCC unroll 2
     for (int n = 0; n < NV; ++n) {
       acc_t* p = s + r * Np + j0 + n * L;
-      store_vec(p, c[r][n] * scale + load_vec(p));
+      store_as(p, c[r][n] * scale + load_as<V>(p));
     }
 }
 
 // o[r, e0 + e] = inv_sum[r] * sum_{j < Nk} s[r, j] v[j, e0 + e] for the NV vectors of channels from e0.
-template <int NV, typename acc_t>
+template <int NV, typename V, typename acc_t>
 FVK_INLINE void value_block(const acc_t* __restrict s, const acc_t* __restrict v, const acc_t* __restrict inv_sum,
                             int64_t Np, int64_t Nk, int64_t ldv, int64_t dvp, acc_t* __restrict o, int64_t e0) {
-  using V = vec_t<acc_t>;
-  constexpr int64_t L = kLanes<acc_t>;
+  constexpr int64_t L = lanes_of<V, acc_t>;
   V c[kRows][NV] = {};
   tile_accumulate<kRows, NV>(c, s, Np, v + e0, ldv, 0, Nk);
 #pragma GCC unroll 6
   for (int64_t r = 0; r < kRows; ++r)
 #pragma GCC unroll 2
-    for (int n = 0; n < NV; ++n) store_vec(o + r * dvp + e0 + n * L, c[r][n] * inv_sum[r]);
+    for (int n = 0; n < NV; ++n) store_as(o + r * dvp + e0 + n * L, c[r][n] * inv_sum[r]);
 }
 
-// Steps 1-2 of the file comment for one tile. On entry s[r, j] holds the bias of query r and key j
-// (-inf past the last key); on return, the unnormalised softmax weights, and inv_sum[r] = 1 / sum_j.
-template <typename acc_t>
-FVK_CPU_CLONES void score_tile(const acc_t* __restrict q,   // [kRows, dk] the tile's queries
-                               const acc_t* __restrict kt,  // [dk, Np] keys, transposed, zero-padded
-                               int64_t Np, int64_t dk, acc_t scale,
-                               acc_t* __restrict s,         // [kRows, Np] in: bias; out: weights
-                               acc_t* __restrict inv_sum) { // [kRows] out
-  constexpr int64_t L = kLanes<acc_t>;
+// Steps 1-3 of the file comment for one tile, before the activation, in vectors of Bytes bytes (Np
+// and dvp multiples of their lane count). On entry s[r, j] holds the bias of query r and key j (-inf
+// past the last key); on return it holds the unnormalised softmax weights, and
+// o[r, e] = inv_sum[r] * sum_j s[r, j] v[j, e]. The padded keys' weights are 0, so that sum stops at Nk.
+template <int Bytes, typename acc_t>
+FVK_INLINE void attend_tile(const acc_t* __restrict q,   // [kRows, dk] the tile's queries
+                            const acc_t* __restrict kt,  // [dk, Np] keys, transposed, zero-padded
+                            const acc_t* __restrict v,   // [Nk, dvp] values, row stride ldv
+                            int64_t Np, int64_t Nk, int64_t dk, int64_t ldv, int64_t dvp, acc_t scale,
+                            acc_t* __restrict s,         // [kRows, Np] in: bias; out: weights
+                            acc_t* __restrict inv_sum,   // [kRows]
+                            acc_t* __restrict o) {       // [kRows, dvp] out
+  using V = vecw_t<acc_t, Bytes>;
+  constexpr int64_t L = lanes_of<V, acc_t>;
   int64_t j0 = 0;
-  for (; j0 + kCols * L <= Np; j0 += kCols * L) score_block<kCols>(q, kt, Np, dk, scale, s, j0);
-  if (j0 < Np) score_block<1>(q, kt, Np, dk, scale, s, j0);
-  for (int64_t r = 0; r < kRows; ++r) inv_sum[r] = softmax_row(s + r * Np, Np);
+  for (; j0 + kCols * L <= Np; j0 += kCols * L) score_block<kCols, V>(q, kt, Np, dk, scale, s, j0);
+  if (j0 < Np) score_block<1, V>(q, kt, Np, dk, scale, s, j0);
+  for (int64_t r = 0; r < kRows; ++r) inv_sum[r] = softmax_row<acc_t, V>(s + r * Np, Np);
+  int64_t e0 = 0;
+  for (; e0 + kCols * L <= dvp; e0 += kCols * L) value_block<kCols, V>(s, v, inv_sum, Np, Nk, ldv, dvp, o, e0);
+  if (e0 < dvp) value_block<1, V>(s, v, inv_sum, Np, Nk, ldv, dvp, o, e0);
 }
 
-// Step 3 for one tile, before the activation: o[r, e] = inv_sum[r] * sum_j s[r, j] v[j, e]. The
-// padded keys' weights are 0, so the sum stops at Nk.
+// attend_tile in 32-byte vectors (AVX2 in the x86-64-v3 clone) and, where the CPU has it, in 64-byte
+// AVX-512 vectors (twice the lanes per multiply-add; Np and dvp then multiples of 16 floats).
 template <typename acc_t>
-FVK_CPU_CLONES void value_tile(const acc_t* __restrict s,   // [kRows, Np] weights from score_tile
-                               const acc_t* __restrict v,   // [Nk, dvp] values, row stride ldv
-                               const acc_t* __restrict inv_sum, int64_t Np, int64_t Nk, int64_t ldv,
-                               int64_t dvp,                 // channels, a multiple of kPad
-                               acc_t* __restrict o) {       // [kRows, dvp] out
-  constexpr int64_t L = kLanes<acc_t>;
-  int64_t e0 = 0;
-  for (; e0 + kCols * L <= dvp; e0 += kCols * L) value_block<kCols>(s, v, inv_sum, Np, Nk, ldv, dvp, o, e0);
-  if (e0 < dvp) value_block<1>(s, v, inv_sum, Np, Nk, ldv, dvp, o, e0);
+FVK_CPU_CLONES void attend_tile_avx2(const acc_t* q, const acc_t* kt, const acc_t* v, int64_t Np, int64_t Nk,
+                                     int64_t dk, int64_t ldv, int64_t dvp, acc_t scale, acc_t* s, acc_t* inv_sum,
+                                     acc_t* o) {
+  attend_tile<32>(q, kt, v, Np, Nk, dk, ldv, dvp, scale, s, inv_sum, o);
 }
+#if FVK_AVX512_VARIANT
+template <typename acc_t>
+FVK_AVX512 void attend_tile_avx512(const acc_t* q, const acc_t* kt, const acc_t* v, int64_t Np, int64_t Nk,
+                                   int64_t dk, int64_t ldv, int64_t dvp, acc_t scale, acc_t* s, acc_t* inv_sum,
+                                   acc_t* o) {
+  attend_tile<64>(q, kt, v, Np, Nk, dk, ldv, dvp, scale, s, inv_sum, o);
+}
+#endif
 
 template <typename scalar_t, typename table_t>
 void bias_attention_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const table_t* table,
@@ -125,14 +137,20 @@ void bias_attention_kernel(const scalar_t* q, const scalar_t* k, const scalar_t*
   constexpr int kChunk = bias_attention_chunk<acc_t>();
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t dk = g.dk, dv = g.dv, Nk = g.Nk, R_h = g.R_h, R_w = g.R_w, W2 = 2 * R_w - 1;
-  const int64_t Np = round_up(Nk, kPad), dvp = round_up(dv, kPad);
+#if FVK_AVX512_VARIANT
+  const bool wide = cpu_has_avx512();
+#else
+  const bool wide = false;
+#endif
+  const int64_t pad = wide ? 2 * kPad : kPad;  // a whole number of 64-byte vectors of floats
+  const int64_t Np = round_up(Nk, pad), dvp = round_up(dv, pad);
   const int64_t q_blocks = (g.Nq + kQueryBlock - 1) / kQueryBlock;
   const int64_t items = g.B * g.heads * q_blocks;
   const bool per_row = g.q_c != 1;
   // float32 values whose channels are contiguous and a whole number of vectors are read where they
   // are (row stride v_n) instead of gathered: for a downsampling head (49 queries, 196 keys) the
   // gather was about a third of the kernel's time.
-  const bool values_in_place = std::is_same<scalar_t, acc_t>::value && g.v_c == 1 && dv % kPad == 0;
+  const bool values_in_place = std::is_same<scalar_t, acc_t>::value && g.v_c == 1 && dv % pad == 0;
   // Grain: about 2^18 multiply-adds of work per chunk before OpenMP's fork/join pays off.
   const int64_t work_per_item = std::max<int64_t>(1, std::min(g.Nq, kQueryBlock) * Nk * (dk + dv));
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / work_per_item);
@@ -188,8 +206,14 @@ void bias_attention_kernel(const scalar_t* q, const scalar_t* k, const scalar_t*
           }
           std::fill(s_row + Nk, s_row + Np, acc_t(-INFINITY));
         }
-        score_tile(qt.data(), kt.data(), Np, dk, scale, s.data(), inv_sum.data());
-        value_tile(s.data(), v_tile, inv_sum.data(), Np, Nk, ldv, dvp, o.data());
+#if FVK_AVX512_VARIANT
+        if (wide)
+          attend_tile_avx512(qt.data(), kt.data(), v_tile, Np, Nk, dk, ldv, dvp, scale, s.data(), inv_sum.data(),
+                             o.data());
+        else
+#endif
+          attend_tile_avx2(qt.data(), kt.data(), v_tile, Np, Nk, dk, ldv, dvp, scale, s.data(), inv_sum.data(),
+                           o.data());
         for (int64_t r = 0; r < rows; ++r) {
           scalar_t* o_row = out + b * g.o_b + (i0 + r) * g.o_n + h * dv * g.o_c;
           for (int64_t e = 0; e < dv; ++e)
