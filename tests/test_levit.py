@@ -126,6 +126,32 @@ def test_weights_loaded_after_eval_and_half_are_used():
                      "after half")
 
 
+def test_16_bit_fold_is_cast_once_and_refreshed():
+    """A bfloat16 LinearNorm's fold is computed in float32 and cached already cast (casting it every call
+    cost ~1 ms a LeViT-128S forward); a changed BatchNorm buffer still refolds it."""
+    from fastvit_kernels.modules.levit import LinearNorm
+
+    layer = LinearNorm(24, 40)
+    randomize(layer)
+    layer = layer.to(torch.bfloat16).eval()
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        first = layer._fold(layer.linear, layer.bn, torch.bfloat16)
+        assert all(t.dtype == torch.bfloat16 for t in first)
+        assert all(a is b for a, b in zip(first, layer._fold(layer.linear, layer.bn, torch.bfloat16)))
+        before = layer(x)
+    with torch.no_grad():
+        layer.bn.running_mean.add_(1.0)
+    with torch.inference_mode():
+        assert not torch.equal(layer._fold(layer.linear, layer.bn, torch.bfloat16)[1], first[1])
+        after = layer(x)
+        ref = copy.deepcopy(layer).double()
+        ref.bn.train(False)
+        expected = ref.bn(ref.linear(x.double()))
+    assert not torch.equal(before, after)
+    assert_close(after, expected, layer.bn(layer.linear(x)), "bfloat16 fold after a buffer change")
+
+
 def test_model_training_step_and_distillation_match_timm():
     """Train mode (batch-statistics BatchNorm amplifies rounding differences layer by layer), so ours
     and timm in float32 are both judged against timm in float64."""

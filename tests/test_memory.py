@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvit_kernels import backends, memory
+from helpers import assert_close
 from fastvit_kernels.ops import dwconv_layernorm, xca_attention
 
 pytestmark = pytest.mark.skipif(backends.extension() is None, reason="the compiled extension is not built")
@@ -140,21 +141,24 @@ def test_linear_matches_f_linear(dtype, shape, bias):
 
 
 @pytest.mark.parametrize("gemm", ["mkl", "onednn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(7, 24), (2, 9, 24), (0, 24), (1, 24)])
-def test_float32_linear_on_each_cpu_gemm_matches_float64(monkeypatch, gemm, shape):
-    if gemm == "onednn" and not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch build has no oneDNN")
+def test_linear_on_each_cpu_gemm_matches_float64(monkeypatch, gemm, dtype, shape):
+    if gemm == "onednn" and dtype not in memory._onednn_dtypes():
+        pytest.skip(f"oneDNN has no {dtype} Linear for this CPU (or torch was built without oneDNN)")
     monkeypatch.setenv(memory.GEMM_ENV_VAR, gemm)
     assert memory.onednn_gemm() == (gemm == "onednn")
-    w, b = torch.randn(40, 24), torch.randn(40)
-    x = torch.randn(shape)
-    strided = torch.randn(shape[:-1] + (48,))[..., ::2]
+    w, b = torch.randn(40, 24).to(dtype), torch.randn(40).to(dtype)
+    x = torch.randn(shape).to(dtype)
+    strided = torch.randn(shape[:-1] + (48,)).to(dtype)[..., ::2]
     for inp, bias in ((x, b), (strided, b), (x, None)):
         with torch.inference_mode():
             out = memory.linear(inp, w, bias)
+            same = F.linear(inp, w, bias)  # PyTorch in the same dtype
         ref = F.linear(inp.double(), w.double(), None if bias is None else bias.double())
-        assert out.dtype == torch.float32 and out.shape == ref.shape
-        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        assert out.dtype == dtype and out.shape == ref.shape
+        if out.numel():
+            assert_close(out, ref, same, f"{gemm} {dtype}")
 
 
 def test_cpu_gemm_choice(monkeypatch):

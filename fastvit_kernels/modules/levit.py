@@ -52,9 +52,7 @@ class LinearNorm(_FoldCache):
         if self.bn.training or self.bn.running_mean is None:
             y = self.linear(x)
             return self.bn(y.flatten(0, -2)).reshape_as(y)
-        weight, bias = self._fold(self.linear, self.bn)
-        if weight.dtype != x.dtype:  # a float32 fold of 16-bit parameters
-            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        weight, bias = self._fold(self.linear, self.bn, x.dtype)
         return memory.linear(x, weight, bias)
 
 
