@@ -30,7 +30,8 @@ from torch import Tensor
 from . import backends
 
 ENV_VAR = "FASTVIT_KERNELS_CPU_CACHE"
-# "onednn" or "mkl" (torch's own addmm) for float32 Linears in CPU inference; unset or "auto": see onednn_gemm.
+# "onednn" or "mkl" (torch's own addmm) for float32 / bfloat16 Linears in CPU inference; unset or "auto":
+# see onednn_gemm.
 GEMM_ENV_VAR = "FASTVIT_KERNELS_CPU_GEMM"
 # "0": never take fused_mlp, "1": wherever it applies; unset or "auto": where it applies and the
 # Linears are not on oneDNN (on the AVX-512 EPYC, EdgeNeXt-XXS / -S at batch 8 ran 22.4 / 70.3 ms with

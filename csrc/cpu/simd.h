@@ -97,7 +97,8 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // and broadcasts ROWS scalars of a into ROWS * NV multiply-adds: the shape of the usual AVX2 GEMM
 // micro-kernel (6 x 2 accumulators + 2 loads + 1 broadcast fill 15 of the 16 vector registers), bound
 // by the FMA units rather than the load ports. Always inlined, so it takes its caller's target (AVX2
-// in the FVK_CPU_CLONES x86-64-v3 clone); the loops over ROWS and NV unroll completely.
+// in the FVK_CPU_CLONES x86-64-v3 clone, AVX-512 with 64-byte V in an FVK_AVX512 function); the loops
+// over ROWS and NV unroll completely.
 template <int ROWS, int NV, typename V, typename acc_t>
 inline __attribute__((always_inline)) void tile_accumulate(V (&acc)[ROWS][NV], const acc_t* __restrict a,
                                                            int64_t lda, const acc_t* __restrict b, int64_t ldb,
