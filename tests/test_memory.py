@@ -161,6 +161,23 @@ def test_linear_on_each_cpu_gemm_matches_float64(monkeypatch, gemm, dtype, shape
             assert_close(out, ref, same, f"{gemm} {dtype}")
 
 
+def test_large_outputs_stay_on_the_cache(monkeypatch):
+    """oneDNN's outputs come from malloc; those over ONEDNN_MAX_OUTPUT_BYTES (where glibc would map fresh
+    pages for every call) are written by addmm into a cached buffer instead."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setenv(memory.GEMM_ENV_VAR, "onednn")
+    x, w, b = torch.randn(BIG[0], 64), torch.randn(BIG[1], 64), torch.randn(BIG[1])  # a 256 KiB output
+    for limit, cached in ((1 << 20, False), (128 << 10, True)):
+        monkeypatch.setattr(memory, "ONEDNN_MAX_OUTPUT_BYTES", limit)
+        before = _live()
+        with torch.inference_mode():
+            out = memory.linear(x, w, b)
+            assert (_live() > before) == cached, limit
+            torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+        del out
+
+
 def test_cpu_gemm_choice(monkeypatch):
     monkeypatch.setenv(memory.GEMM_ENV_VAR, "mkl")
     assert not memory.onednn_gemm()
