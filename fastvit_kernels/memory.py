@@ -19,6 +19,7 @@ up to a limit (1 GiB, ``set_cpu_cache_limit``) and returned to the OS by ``empty
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import NamedTuple, Optional, Sequence
 
@@ -201,11 +202,13 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     ext = into_cache(x, weight, bias)
     if not ext:
         return F.linear(x, weight, bias)
-    out_bytes = x.numel() // max(1, x.shape[-1]) * weight.shape[0] * x.element_size()
-    if out_bytes <= ONEDNN_MAX_OUTPUT_BYTES and x.dtype in _onednn_dtypes() and onednn_gemm():
+    rows, in_features, out_features = math.prod(x.shape[:-1]), x.shape[-1], weight.shape[0]
+    out_bytes = rows * out_features * x.element_size()
+    # oneDNN refuses 0 input features (addmm gives the bias then)
+    if in_features and out_bytes <= ONEDNN_MAX_OUTPUT_BYTES and x.dtype in _onednn_dtypes() and onednn_gemm():
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     out = _cached_empty(ext, x.shape[:-1] + weight.shape[:1], x.dtype)
-    x2d, out2d = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+    x2d, out2d = x.reshape(rows, in_features), out.view(rows, out_features)
     if bias is None:
         torch.mm(x2d, weight.t(), out=out2d)
     else:

@@ -161,6 +161,14 @@ def test_linear_on_each_cpu_gemm_matches_float64(monkeypatch, gemm, dtype, shape
             assert_close(out, ref, same, f"{gemm} {dtype}")
 
 
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
+def test_linear_of_zero_features_is_the_bias(monkeypatch, gemm):
+    monkeypatch.setenv(memory.GEMM_ENV_VAR, gemm)
+    x, w, b = torch.randn(3, 0), torch.randn(4, 0), torch.randn(4)
+    with torch.inference_mode():
+        torch.testing.assert_close(memory.linear(x, w, b), b.expand(3, 4))
+
+
 def test_large_outputs_stay_on_the_cache(monkeypatch):
     """oneDNN's outputs come from malloc; those over ONEDNN_MAX_OUTPUT_BYTES (where glibc would map fresh
     pages for every call) are written by addmm into a cached buffer instead."""
