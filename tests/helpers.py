@@ -55,3 +55,16 @@ def assert_close(out, ref64, ref_same_dtype, what=""):
     base = (ref_same_dtype.double() - ref64).abs().max().item()
     limit = tolerance(base, ref64, out.dtype)
     assert err <= limit, f"{what}: max error {err:.3g} > {limit:.3g} (2 * {base:.3g} + floor)"
+
+
+def cpu_vector_width(monkeypatch, width: str) -> None:
+    """Run the cpu kernels that have an AVX-512 variant at ``width`` ("32-byte": AVX2, every x86-64 CPU;
+    "64-byte": AVX-512), or skip where this CPU cannot (no extension, or no AVX-512)."""
+    import pytest
+
+    ext = backends.extension()
+    if ext is None:
+        pytest.skip("the cpu backend needs the C++ extension")
+    monkeypatch.setenv("FASTVIT_KERNELS_CPU_AVX512", "1" if width == "64-byte" else "0")
+    if ext.cpu_has_avx512() != (width == "64-byte"):
+        pytest.skip("this CPU has no AVX-512: the cpu kernels run 32-byte vectors only")

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import fastvit_kernels as fk
-from fastvit_kernels import backends
-from helpers import BACKENDS as DEVICE_BACKENDS, DEVICE, DTYPES, INTERPRETED, assert_close
+from helpers import BACKENDS as DEVICE_BACKENDS, DEVICE, DTYPES, INTERPRETED, assert_close, cpu_vector_width
 
 op_module = importlib.import_module("fastvit_kernels.ops.bias_attention")
 
@@ -186,13 +185,6 @@ def test_bfloat16(backend):
                  eager(q, k, v, table, (7, 7), 2, act="hardswish"), backend)
 
 
-def _cpu_vector_paths():
-    """The cpu kernel's vector widths this machine runs: 64-byte (AVX-512, where the CPU has it) and
-    32-byte (FASTVIT_KERNELS_CPU_AVX512=0, and every x86-64 CPU)."""
-    ext = backends.extension()
-    return ["32-byte", "64-byte"] if ext is not None and ext.cpu_has_avx512() else ["32-byte"]
-
-
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend needs the C++ extension")
 @pytest.mark.parametrize("width", ["32-byte", "64-byte"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -200,10 +192,7 @@ def test_cpu_vector_widths_match_reference(monkeypatch, width, dtype):
     """Every shape through each register-tile width: the AVX-512 path pads keys and channels to 16
     floats instead of 8, so shapes whose key count or value width is not a multiple of 16 exercise
     padding that the AVX2 path does not have."""
-    if width not in _cpu_vector_paths():
-        pytest.skip("this CPU has no AVX-512: the cpu kernel runs 32-byte vectors only")
-    monkeypatch.setenv("FASTVIT_KERNELS_CPU_AVX512", "1" if width == "64-byte" else "0")
-    assert backends.extension().cpu_has_avx512() == (width == "64-byte")
+    cpu_vector_width(monkeypatch, width)
     for shape in SHAPES + LONG_SHAPES:
         B, heads, res, stride, dk, dv = shape
         q, k, v = make_qkv(B, heads, res, stride, dk, dv, dtype)
@@ -221,9 +210,7 @@ def test_cpu_values_read_in_place_and_gathered_agree_exactly(monkeypatch, width,
     """The cpu kernel reads float32 values with contiguous channels (a multiple of 8) where they are and
     gathers any others into a buffer; both sum the same products in the same order, so the outputs are
     bitwise equal. Here the same values as a packed view (in place) and channel-strided (gathered)."""
-    if width not in _cpu_vector_paths():
-        pytest.skip("this CPU has no AVX-512: the cpu kernel runs 32-byte vectors only")
-    monkeypatch.setenv("FASTVIT_KERNELS_CPU_AVX512", "1" if width == "64-byte" else "0")
+    cpu_vector_width(monkeypatch, width)
     B, heads, res, stride, dk, dv = shape
     q, k, v = make_qkv(B, heads, res, stride, dk, dv)
     v_strided = torch.stack([v, torch.full_like(v, float("nan"))], dim=-1)[..., 0]  # channel stride 2

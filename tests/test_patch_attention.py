@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastvit_kernels as fk
-from helpers import BACKENDS as DEVICE_BACKENDS, DEVICE, DTYPES, INTERPRETED, assert_close
+from helpers import BACKENDS as DEVICE_BACKENDS, DEVICE, DTYPES, INTERPRETED, assert_close, cpu_vector_width
 
 op_module = importlib.import_module("fastvit_kernels.ops.patch_attention")
 
@@ -103,6 +103,28 @@ def test_forward_matches_reference(case):
         out = fk.patch_attention(qkv, heads, patch)
     assert out.dtype == dtype and out.is_contiguous()
     assert_close(out, eager(qkv, heads, patch, dtype=torch.float64), eager(qkv, heads, patch), _id(case))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend needs the C++ extension")
+@pytest.mark.parametrize("width", ["32-byte", "64-byte"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_vector_widths_match_reference(monkeypatch, width, dtype):
+    """Every shape, and a cross attention (Nq != Nk, value dim != key dim), through each register-tile
+    width: the AVX-512 path pads keys and channels to 16 floats instead of 8."""
+    cpu_vector_width(monkeypatch, width)
+    for B, H, W, heads, d, patch in SHAPES + LONG_SHAPES:
+        qkv = make_qkv(B, H, W, heads, d, dtype)
+        with fk.use_backend("cpu"):
+            out = fk.patch_attention(qkv, heads, patch)
+        assert_close(out, eager(qkv, heads, patch, dtype=torch.float64), eager(qkv, heads, patch),
+                     f"{width} {B}x{H}x{W} {heads}h d{d} p{patch}")
+    q, k, v = torch.randn(2, 3, 7, 20, dtype=dtype), torch.randn(2, 3, 37, 20, dtype=dtype), torch.randn(
+        2, 3, 37, 24, dtype=dtype)
+    with fk.use_backend("cpu"):
+        out = fk.attention(q, k, v)
+    ref = lambda t: (t(q) @ t(k).transpose(-1, -2) * 20 ** -0.5).softmax(-1) @ t(v)  # noqa: E731
+    assert_close(out, ref(lambda t: t.double()).transpose(1, 2).flatten(2),
+                 ref(lambda t: t).transpose(1, 2).flatten(2), f"{width} cross attention")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
