@@ -28,7 +28,8 @@ def collect() -> dict:
         "TRITON_INTERPRET": backends.triton_interpreting(),
         "cuda device": cuda_device,
         "extension built with CUDA": bool(ext and ext.has_cuda()),
-        # bias_attention's CPU kernel in 64-byte vectors (csrc/cpu/simd.h); None without the extension
+        # bias_attention's and patch_attention's CPU kernels in 64-byte vectors (csrc/cpu/simd.h); None
+        # without the extension
         "cpu kernels use AVX-512": bool(ext.cpu_has_avx512()) if ext is not None else None,
         # float32 inference Linears on oneDNN instead of addmm (memory.onednn_gemm)
         "cpu Linears on oneDNN": _onednn_gemm(),
