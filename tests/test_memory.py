@@ -4,6 +4,7 @@ and the plain PyTorch path wherever autograd, autocast, hooks or compile need it
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -184,6 +185,38 @@ def test_large_outputs_stay_on_the_cache(monkeypatch):
             assert (_live() > before) == cached, limit
             torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
         del out
+
+
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
+@pytest.mark.parametrize("activation", sorted(memory.LINEAR_ACTIVATIONS))
+def test_linear_activation_epilogue_matches_float64(monkeypatch, gemm, activation):
+    """The activation in oneDNN's epilogue or in place on the cached buffer, and the functional one
+    where autograd runs; a 1x1 conv through pointwise_conv likewise."""
+    if gemm == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setenv(memory.GEMM_ENV_VAR, gemm)
+    function = memory.LINEAR_ACTIVATIONS[activation][0]
+    x, w, b = torch.randn(2, 9, 24), torch.randn(40, 24) * 0.3, torch.randn(40)
+    ref64 = function(F.linear(x.double(), w.double(), b.double()))
+    with torch.inference_mode():
+        out = memory.linear(x, w, b, activation)
+    assert_close(out, ref64, function(F.linear(x, w, b)), f"{gemm} {activation}")
+    w_grad = w.clone().requires_grad_()
+    out = memory.linear(x, w_grad, b, activation)  # autograd: F.linear and the functional activation
+    assert out.grad_fn is not None
+    assert_close(out.detach(), ref64, function(F.linear(x, w, b)), f"{gemm} {activation} autograd")
+    conv = nn.Conv2d(24, 40, 1).eval()
+    padded_conv = nn.Conv2d(24, 40, 1, padding=1).eval()  # the conv path, the activation after it
+    image = torch.randn(2, 24, 5, 6).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got = memory.pointwise_conv(conv, image, activation=activation)
+        got_padded = memory.pointwise_conv(padded_conv, image, activation=activation)
+    with torch.no_grad():
+        for module, result in ((conv, got), (padded_conv, got_padded)):
+            ref = function(copy.deepcopy(module).double()(image.double()))
+            assert_close(result, ref, function(module(image)), f"{gemm} {activation} conv")
+    assert memory.activation_name(nn.GELU(approximate="tanh")) is None
+    assert memory.activation_name(nn.Hardswish()) == "hardswish"
 
 
 def test_cpu_gemm_choice(monkeypatch):

@@ -65,9 +65,7 @@ class LevitMlp(nn.Module):
         self.ln2 = LinearNorm(hidden, dim, bn_weight_init=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.ln1(x)
-        h = F.hardswish(h, inplace=can_overwrite(h))  # in place in inference: no second hidden buffer
-        return self.ln2(self.drop(h))
+        return self.ln2(self.drop(self.ln1(x, activation="hardswish")))
 
 
 class LevitBlock(nn.Module):

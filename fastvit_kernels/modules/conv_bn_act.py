@@ -24,7 +24,6 @@ from .sharing import take_mode
 
 _ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "none", type(None): "none"}
 _ACT_FUNCTIONS = {"silu": F.silu, "relu": F.relu, "none": lambda t: t}
-_ACT_INPLACE = {"silu": lambda t: F.silu(t, inplace=True), "relu": F.relu_, "none": lambda t: t}
 
 
 class Unsupported(ValueError):
@@ -182,10 +181,8 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str, fold: 
         return dwconv_bn_act(x, weight, bias, conv.stride[0], act)
     if x.dim() == 4 and x.shape[1] != conv.in_channels:
         raise ValueError(f"conv_bn_act: x has C={x.shape[1]} channels, the conv expects {conv.in_channels}")
-    y = memory.pointwise_conv(conv, x, weight, bias)
-    # In place saves a pass over memory; autograd needs the pre-activation when grads flow.
-    inplace = not (torch.is_grad_enabled() and y.requires_grad)
-    return _ACT_INPLACE[act](y) if inplace else _ACT_FUNCTIONS[act](y)
+    # The activation in the GEMM's epilogue, or in place unless autograd needs the pre-activation.
+    return memory.pointwise_conv(conv, x, weight, bias, act)
 
 
 class _FoldCacheMixin:

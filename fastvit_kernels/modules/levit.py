@@ -48,12 +48,14 @@ class LinearNorm(_FoldCache):
         nn.init.constant_(self.bn.weight, bn_weight_init)
         self._fold = BatchNormFold()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, activation: str = "none") -> Tensor:
+        """``act(bn(linear(x)))``, ``act`` named in ``memory.LINEAR_ACTIVATIONS`` (in the GEMM's
+        epilogue at eval)."""
         if self.bn.training or self.bn.running_mean is None:
             y = self.linear(x)
-            return self.bn(y.flatten(0, -2)).reshape_as(y)
+            return memory.LINEAR_ACTIVATIONS[activation][0](self.bn(y.flatten(0, -2)).reshape_as(y))
         weight, bias = self._fold(self.linear, self.bn, x.dtype)
-        return memory.linear(x, weight, bias)
+        return memory.linear(x, weight, bias, activation)
 
 
 class ConvNorm(_FoldCache):

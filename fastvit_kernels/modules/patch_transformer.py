@@ -146,7 +146,11 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop2(run_linear(self.fc2, self.drop1(activate(self.act, run_linear(self.fc1, x)))))
+        if memory.activation_name(self.act) is not None:  # in fc1's epilogue (memory.linear)
+            hidden = run_linear(self.fc1, x, self.act)
+        else:
+            hidden = activate(self.act, run_linear(self.fc1, x))
+        return self.drop2(run_linear(self.fc2, self.drop1(hidden)))
 
     def residual_forward(self, x: Tensor, gamma: Optional[Tensor] = None,
                          residual: Optional[Tensor] = None) -> Optional[Tensor]:
