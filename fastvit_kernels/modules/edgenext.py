@@ -18,7 +18,6 @@ from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import memory
