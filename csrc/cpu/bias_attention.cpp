@@ -137,11 +137,7 @@ void bias_attention_kernel(const scalar_t* q, const scalar_t* k, const scalar_t*
   constexpr int kChunk = bias_attention_chunk<acc_t>();
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t dk = g.dk, dv = g.dv, Nk = g.Nk, R_h = g.R_h, R_w = g.R_w, W2 = 2 * R_w - 1;
-#if FVK_AVX512_VARIANT
-  const bool wide = cpu_has_avx512();
-#else
-  const bool wide = false;
-#endif
+  const bool wide = cpu_has_avx512();  // false where the AVX-512 variants are not compiled
   const int64_t pad = wide ? 2 * kPad : kPad;  // a whole number of 64-byte vectors of floats
   const int64_t Np = round_up(Nk, pad), dvp = round_up(dv, pad);
   const int64_t q_blocks = (g.Nq + kQueryBlock - 1) / kQueryBlock;

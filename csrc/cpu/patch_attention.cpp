@@ -109,11 +109,7 @@ void patch_attention_kernel(const scalar_t* q_ptr, const scalar_t* k_ptr, const 
                             const AttentionGeometry& g, double scale_d) {
   using acc_t = acc_type_t<scalar_t>;
   const acc_t scale = static_cast<acc_t>(scale_d);
-#if FVK_AVX512_VARIANT
-  const bool wide = cpu_has_avx512();
-#else
-  const bool wide = false;
-#endif
+  const bool wide = cpu_has_avx512();  // false where the AVX-512 variants are not compiled
   const int64_t pad = wide ? 2 * kPad : kPad;  // a whole number of 64-byte vectors of floats
   const int64_t d = g.d, dv = g.dv, Nq = g.Nq, Nk = g.Nk, Np = round_up(Nk, pad), dp = round_up(dv, pad);
   const int64_t q_blocks = (Nq + kQueryBlock - 1) / kQueryBlock;
