@@ -39,8 +39,8 @@ GEMM_ENV_VAR = "FASTVIT_KERNELS_CPU_GEMM"
 # oneDNN's Linears against 28.6 / 98.1 with the kernel's AVX2 tiles, README "CPU GEMMs: oneDNN").
 FUSED_MLP_ENV_VAR = "FASTVIT_KERNELS_FUSED_MLP"
 
-# Activations the fused MLP kernel computes, by module type, and its code for them (csrc/cpu/fused_mlp.cpp).
-FUSED_MLP_ACTIVATIONS = {nn.Identity: 0, nn.GELU: 1, nn.Hardswish: 2, nn.SiLU: 3}
+# Activations the fused MLP kernel computes, by activation_name, and its code for them (csrc/cpu/fused_mlp.cpp).
+FUSED_MLP_ACTIVATIONS = {"none": 0, "gelu": 1, "hardswish": 2, "silu": 3}
 # Where fused_mlp is taken: on the 2-core EPYC (2026-11-30, README "CPU inference: the fused
 # transformer MLP") it ran 1.09-1.71x as fast as addmm + GELU + addmm + scale + add at 2048-32768 rows
 # of 48-288 channels (EdgeNeXt stages 1-3 at batch 8); about even at ~1550 rows (0.83-1.13x, widths
@@ -284,14 +284,12 @@ def pointwise_conv(conv: nn.Conv2d, x: Tensor, weight: Optional[Tensor] = None, 
     return linear(pixels, weight.flatten(1), bias, activation).permute(0, 3, 1, 2)
 
 
-def run_linear(module: nn.Module, x: Tensor, act: Optional[nn.Module] = None) -> Tensor:
-    """``module(x)``, or ``act(module(x))``; a plain ``nn.Linear`` runs as :func:`linear`, with ``act``
-    in it where :func:`activation_name` names it."""
-    name = "none" if act is None else activation_name(act)
-    if not plain(module, nn.Linear) or name is None:
-        y = module(x)
-        return y if act is None else act(y)
-    return linear(x, module.weight, module.bias, name)
+def run_linear(module: nn.Module, x: Tensor, activation: str = "none") -> Tensor:
+    """``act(module(x))``, ``act`` named in :data:`LINEAR_ACTIVATIONS`; a plain ``nn.Linear`` runs as
+    :func:`linear`, the activation in it."""
+    if not plain(module, nn.Linear):
+        return LINEAR_ACTIVATIONS[activation][0](module(x))
+    return linear(x, module.weight, module.bias, activation)
 
 
 def run_layer_norm(module: nn.Module, x: Tensor) -> Tensor:
@@ -324,8 +322,8 @@ def fused_mlp(x: Tensor, fc1: nn.Module, act: nn.Module, fc2: nn.Module, gamma: 
     """
     if x.dtype != torch.float32 or not _fused_mlp_wanted():
         return None
-    code = FUSED_MLP_ACTIVATIONS.get(type(act))
-    if code is None or not plain(act, type(act)) or getattr(act, "approximate", "none") != "none":
+    code = FUSED_MLP_ACTIVATIONS.get(activation_name(act))
+    if code is None:
         return None
     if not (plain(fc1, nn.Linear) and plain(fc2, nn.Linear)):
         return None

@@ -14,7 +14,6 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -23,7 +22,6 @@ from ..ops.dwconv_bn_act import ACTIVATIONS, KERNEL_SIZES, STRIDES, dwconv_bn_ac
 from .sharing import take_mode
 
 _ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "none", type(None): "none"}
-_ACT_FUNCTIONS = {"silu": F.silu, "relu": F.relu, "none": lambda t: t}
 
 
 class Unsupported(ValueError):
@@ -175,7 +173,7 @@ def conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str, fold: 
         else:
             y = conv(x)
         # _BatchNorm.forward, not bn(): timm's BatchNormAct2d would apply its activation too.
-        return _ACT_FUNCTIONS[act](_BatchNorm.forward(bn, y))
+        return memory.LINEAR_ACTIVATIONS[act][0](_BatchNorm.forward(bn, y))
     weight, bias = fold(conv, bn, None if depthwise else x.dtype)  # the depthwise kernel takes float32
     if depthwise:
         return dwconv_bn_act(x, weight, bias, conv.stride[0], act)

@@ -146,8 +146,9 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        if memory.activation_name(self.act) is not None:  # in fc1's epilogue (memory.linear)
-            hidden = run_linear(self.fc1, x, self.act)
+        name = memory.activation_name(self.act)
+        if name is not None:  # in fc1's epilogue (memory.linear)
+            hidden = run_linear(self.fc1, x, name)
         else:
             hidden = activate(self.act, run_linear(self.fc1, x))
         return self.drop2(run_linear(self.fc2, self.drop1(hidden)))
